@@ -1,0 +1,694 @@
+//! The configuration file: parsed into raw serde types, then validated into
+//! [`Config`], which holds real durations, addresses, signals and argv.
+//! Nothing downstream sees raw strings. Every error names the file, line and
+//! column and says what to do.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Where `baton run`, `baton check` and the other commands look by default.
+pub const DEFAULT_PATH: &str = "/etc/baton/baton.toml";
+
+/// The validated configuration of one supervised application.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file this was read from.
+    pub path: PathBuf,
+    /// Listening sockets, in fd order (3, 4, ...).
+    pub listeners: Vec<Listener>,
+    pub app: App,
+    pub readiness: Readiness,
+    pub drain: Drain,
+    pub restart: Restart,
+    /// Path of the control socket (`baton reload`, `status`, `stop`).
+    pub control_socket: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    /// Goes into `LISTEN_FDNAMES`; also the name matched when adopting
+    /// sockets from systemd.
+    pub name: String,
+    pub address: Address,
+    /// `listen(2)` backlog for stream sockets.
+    pub backlog: i32,
+    /// File mode of a unix socket, applied after bind.
+    pub mode: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    Tcp(SocketAddr),
+    Udp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Tcp(a) => write!(f, "{a}"),
+            Address::Udp(a) => write!(f, "udp:{a}"),
+            Address::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct App {
+    /// argv; `command[0]` is resolved on PATH at spawn time.
+    pub command: Vec<String>,
+    pub workdir: Option<PathBuf>,
+    /// Added to baton's own environment for every child.
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadinessCheck {
+    /// Ready when the child sends `READY=1` on `NOTIFY_SOCKET`.
+    Notify,
+    /// Ready once the child has been running this long.
+    Delay(Duration),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readiness {
+    pub check: ReadinessCheck,
+    /// A candidate not ready by then is stopped; the old generation keeps serving.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drain {
+    pub signal: Signal,
+    /// After this the generation's process group gets SIGKILL.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restart {
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}:{line}:{column}: {message}", path.display())]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates `text` as if read from `path` (used for error positions and
+    /// for the default control socket name).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let at = |span: Option<Range<usize>>, message: String| {
+            let (line, column) = line_column(text, span.map_or(0, |s| s.start));
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                line,
+                column,
+                message,
+            }
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let message = e.message().trim_end().to_owned();
+            at(e.span(), message)
+        })?;
+        raw.validate(path)
+            .map_err(|Invalid { span, message }| at(Some(span), message))
+    }
+
+    /// True when `other` asks for different sockets than `self`. Changing
+    /// listeners needs a restart of baton (for now).
+    pub fn listeners_differ(&self, other: &Config) -> bool {
+        self.listeners != other.listeners
+    }
+}
+
+/// The control socket named by the file at `path`, found without requiring
+/// the whole file to be valid: `baton reload` must reach the daemon to hear
+/// the daemon's own verdict on a broken file.
+pub fn control_socket_of(path: &Path) -> PathBuf {
+    let from_file = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .and_then(|t| t.get("control")?.get("socket")?.as_str().map(PathBuf::from));
+    from_file.unwrap_or_else(|| default_control_socket(path))
+}
+
+/// `$RUNTIME_DIRECTORY/baton.sock` if set (systemd `RuntimeDirectory=`), else
+/// `/run/baton/<stem>.sock` as root, else `$XDG_RUNTIME_DIR/baton/<stem>.sock`
+/// (or `/tmp/baton-<uid>/<stem>.sock` without XDG_RUNTIME_DIR).
+pub fn default_control_socket(config_path: &Path) -> PathBuf {
+    if let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY").filter(|d| !d.is_empty()) {
+        // systemd may list several directories separated by ':'.
+        let first = dir
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_owned();
+        return Path::new(&first).join("baton.sock");
+    }
+    let stem = config_path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "baton".to_owned());
+    let uid = nix::unistd::getuid();
+    let dir = if uid.is_root() {
+        PathBuf::from("/run/baton")
+    } else if let Some(xdg) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Path::new(&xdg).join("baton")
+    } else {
+        PathBuf::from(format!("/tmp/baton-{uid}"))
+    };
+    dir.join(format!("{stem}.sock"))
+}
+
+/// The notify socket lives beside the control socket: `x.sock` → `x.notify`.
+pub fn notify_socket_for(control_socket: &Path) -> PathBuf {
+    control_socket.with_extension("notify")
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+// ---------------------------------------------------------------------------
+// Raw serde types: exactly the file's shape, with spans for error positions.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    listen: Vec<RawListen>,
+    app: RawApp,
+    #[serde(default)]
+    readiness: RawReadiness,
+    #[serde(default)]
+    drain: RawDrain,
+    #[serde(default)]
+    restart: RawRestart,
+    #[serde(default)]
+    control: RawControl,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListen {
+    name: Spanned<String>,
+    address: Spanned<String>,
+    backlog: Option<Spanned<i64>>,
+    mode: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApp {
+    command: Spanned<Vec<String>>,
+    workdir: Option<Spanned<String>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+}
+
+type RawDuration = Option<Spanned<String>>;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawReadiness {
+    check: Option<Spanned<String>>,
+    delay: RawDuration,
+    timeout: RawDuration,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDrain {
+    signal: Option<Spanned<String>>,
+    timeout: RawDuration,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRestart {
+    backoff_initial: RawDuration,
+    backoff_max: RawDuration,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    socket: Option<Spanned<String>>,
+}
+
+/// A validation failure at a span of the file.
+struct Invalid {
+    span: Range<usize>,
+    message: String,
+}
+
+fn invalid<T>(span: Range<usize>, message: impl Into<String>) -> Result<T, Invalid> {
+    Err(Invalid {
+        span,
+        message: message.into(),
+    })
+}
+
+const DEFAULT_BACKLOG: i32 = 1024;
+
+impl RawConfig {
+    fn validate(self, path: &Path) -> Result<Config, Invalid> {
+        let mut listeners: Vec<Listener> = Vec::with_capacity(self.listen.len());
+        for raw in self.listen {
+            if listeners.iter().any(|l| l.name == *raw.name.get_ref()) {
+                return invalid(
+                    raw.name.span(),
+                    format!(
+                        "duplicate listener name `{}`: each [[listen]] needs its own name",
+                        raw.name.get_ref()
+                    ),
+                );
+            }
+            listeners.push(raw.validate()?);
+        }
+        let control_socket = match self.control.socket {
+            Some(s) => absolute_path(&s, "control socket")?,
+            None => default_control_socket(path),
+        };
+        Ok(Config {
+            path: path.to_owned(),
+            listeners,
+            app: self.app.validate()?,
+            readiness: self.readiness.validate()?,
+            drain: self.drain.validate()?,
+            restart: self.restart.validate()?,
+            control_socket,
+        })
+    }
+}
+
+impl RawListen {
+    fn validate(self) -> Result<Listener, Invalid> {
+        let name = self.name.get_ref();
+        let name_ok = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if !name_ok {
+            return invalid(
+                self.name.span(),
+                format!("listener name `{name}` must be non-empty and use only A-Z a-z 0-9 _ . -"),
+            );
+        }
+        let address = parse_address(&self.address)?;
+        let backlog = match self.backlog {
+            None => DEFAULT_BACKLOG,
+            Some(b) => match i32::try_from(*b.get_ref()) {
+                Ok(v) if v > 0 => v,
+                _ => return invalid(b.span(), "backlog must be a positive integer, e.g. 1024"),
+            },
+        };
+        let mode = match self.mode {
+            None => None,
+            Some(m) if !matches!(address, Address::Unix(_)) => {
+                return invalid(m.span(), "mode applies only to unix: addresses");
+            }
+            Some(m) => match u32::from_str_radix(m.get_ref(), 8) {
+                Ok(v) if v <= 0o777 => Some(v),
+                _ => {
+                    return invalid(
+                        m.span(),
+                        format!(
+                            "mode `{}` is not an octal file mode like \"0660\"",
+                            m.get_ref()
+                        ),
+                    )
+                }
+            },
+        };
+        Ok(Listener {
+            name: name.clone(),
+            address,
+            backlog,
+            mode,
+        })
+    }
+}
+
+fn parse_address(raw: &Spanned<String>) -> Result<Address, Invalid> {
+    let text = raw.get_ref().as_str();
+    let ip = |s: &str| {
+        SocketAddr::from_str(s).map_err(|_| Invalid {
+            span: raw.span(),
+            message: format!(
+                "bad address `{text}`: use an IP address and port like \"127.0.0.1:8080\" or \
+                 \"[::1]:8080\", \"udp:0.0.0.0:53\", or \"unix:/run/app/app.sock\""
+            ),
+        })
+    };
+    if let Some(path) = text.strip_prefix("unix:") {
+        let path = Path::new(path);
+        if !path.is_absolute() {
+            return invalid(
+                raw.span(),
+                format!("unix socket path in `{text}` must be absolute, e.g. \"unix:/run/app/app.sock\""),
+            );
+        }
+        return Ok(Address::Unix(path.to_owned()));
+    }
+    if let Some(rest) = text.strip_prefix("udp:") {
+        return ip(rest).map(Address::Udp);
+    }
+    ip(text.strip_prefix("tcp:").unwrap_or(text)).map(Address::Tcp)
+}
+
+fn absolute_path(raw: &Spanned<String>, what: &str) -> Result<PathBuf, Invalid> {
+    let path = PathBuf::from(raw.get_ref());
+    if !path.is_absolute() {
+        return invalid(
+            raw.span(),
+            format!("{what} path `{}` must be absolute", raw.get_ref()),
+        );
+    }
+    Ok(path)
+}
+
+fn duration(raw: &RawDuration, default: Duration) -> Result<Duration, Invalid> {
+    let Some(raw) = raw else { return Ok(default) };
+    match humantime::parse_duration(raw.get_ref()) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => invalid(raw.span(), "duration must be greater than zero"),
+        Err(e) => invalid(
+            raw.span(),
+            format!(
+                "bad duration `{}` ({e}): write e.g. \"500ms\", \"30s\" or \"2m\"",
+                raw.get_ref()
+            ),
+        ),
+    }
+}
+
+impl RawApp {
+    fn validate(self) -> Result<App, Invalid> {
+        let span = self.command.span();
+        let command = self.command.into_inner();
+        if command.first().is_none_or(|c| c.is_empty()) {
+            return invalid(
+                span,
+                "command must name a program: command = [\"/path/to/server\", \"--flag\"]",
+            );
+        }
+        let workdir = match self.workdir {
+            Some(w) => Some(absolute_path(&w, "workdir")?),
+            None => None,
+        };
+        Ok(App {
+            command,
+            workdir,
+            env: self.env,
+        })
+    }
+}
+
+impl RawReadiness {
+    fn validate(self) -> Result<Readiness, Invalid> {
+        let timeout = duration(&self.timeout, Duration::from_secs(30))?;
+        let check = match self
+            .check
+            .as_ref()
+            .map(|c| (c.get_ref().as_str(), c.span()))
+        {
+            None | Some(("notify", _)) => {
+                if let Some(delay) = &self.delay {
+                    return invalid(delay.span(), "delay applies only to check = \"delay\"");
+                }
+                ReadinessCheck::Notify
+            }
+            Some(("delay", _)) => {
+                ReadinessCheck::Delay(duration(&self.delay, Duration::from_secs(1))?)
+            }
+            Some((other, span)) => {
+                return invalid(
+                    span,
+                    format!("unknown readiness check `{other}`: use \"notify\" or \"delay\""),
+                )
+            }
+        };
+        if let ReadinessCheck::Delay(delay) = check {
+            if delay >= timeout {
+                let span = self.delay.as_ref().map_or(0..0, |d| d.span());
+                return invalid(span, "delay must be shorter than the readiness timeout");
+            }
+        }
+        Ok(Readiness { check, timeout })
+    }
+}
+
+impl RawDrain {
+    fn validate(self) -> Result<Drain, Invalid> {
+        let signal = match &self.signal {
+            None => Signal::SIGTERM,
+            Some(raw) => parse_signal(raw.get_ref()).ok_or_else(|| Invalid {
+                span: raw.span(),
+                message: format!(
+                    "unknown signal `{}`: use a name like \"SIGTERM\", \"SIGINT\" or \"SIGQUIT\"",
+                    raw.get_ref()
+                ),
+            })?,
+        };
+        if matches!(signal, Signal::SIGKILL | Signal::SIGSTOP) {
+            let span = self.signal.as_ref().map_or(0..0, |s| s.span());
+            return invalid(
+                span,
+                "the drain signal must be one the app can handle, not SIGKILL or SIGSTOP",
+            );
+        }
+        Ok(Drain {
+            signal,
+            timeout: duration(&self.timeout, Duration::from_secs(30))?,
+        })
+    }
+}
+
+/// "SIGTERM", "TERM" and "sigterm" all name SIGTERM.
+pub fn parse_signal(name: &str) -> Option<Signal> {
+    let upper = name.to_ascii_uppercase();
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    Signal::from_str(&full).ok()
+}
+
+impl RawRestart {
+    fn validate(self) -> Result<Restart, Invalid> {
+        let backoff_initial = duration(&self.backoff_initial, Duration::from_millis(100))?;
+        let backoff_max = duration(&self.backoff_max, Duration::from_secs(10))?;
+        if backoff_max < backoff_initial {
+            let span = self.backoff_max.as_ref().map_or(0..0, |d| d.span());
+            return invalid(span, "backoff_max must not be shorter than backoff_initial");
+        }
+        Ok(Restart {
+            backoff_initial,
+            backoff_max,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/baton/t.toml"), text)
+    }
+
+    fn error(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    const MINIMAL: &str = "[app]\ncommand = [\"/bin/server\"]\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert!(c.listeners.is_empty());
+        assert_eq!(c.app.command, ["/bin/server"]);
+        assert_eq!(c.readiness.check, ReadinessCheck::Notify);
+        assert_eq!(c.readiness.timeout, Duration::from_secs(30));
+        assert_eq!(c.drain.signal, Signal::SIGTERM);
+        assert_eq!(c.restart.backoff_initial, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn full_config() {
+        let c = parse(
+            r#"
+[[listen]]
+name = "http"
+address = "127.0.0.1:8080"
+backlog = 64
+[[listen]]
+name = "admin.sock"
+address = "unix:/run/app/admin.sock"
+mode = "0660"
+[[listen]]
+name = "dns"
+address = "udp:[::1]:53"
+[app]
+command = ["server", "--flag"]
+workdir = "/srv/app"
+env = { RUST_LOG = "info" }
+[readiness]
+check = "delay"
+delay = "500ms"
+timeout = "5s"
+[drain]
+signal = "QUIT"
+timeout = "2m"
+[restart]
+backoff_initial = "1s"
+backoff_max = "1m"
+[control]
+socket = "/tmp/x.sock"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.listeners.len(), 3);
+        assert_eq!(c.listeners[0].backlog, 64);
+        assert_eq!(c.listeners[1].mode, Some(0o660));
+        assert_eq!(
+            c.listeners[1].address,
+            Address::Unix("/run/app/admin.sock".into())
+        );
+        assert_eq!(
+            c.listeners[2].address,
+            Address::Udp("[::1]:53".parse().unwrap())
+        );
+        assert_eq!(
+            c.readiness.check,
+            ReadinessCheck::Delay(Duration::from_millis(500))
+        );
+        assert_eq!(c.drain.signal, Signal::SIGQUIT);
+        assert_eq!(c.drain.timeout, Duration::from_secs(120));
+        assert_eq!(c.app.env["RUST_LOG"], "info");
+        assert_eq!(c.control_socket, Path::new("/tmp/x.sock"));
+    }
+
+    #[test]
+    fn errors_name_file_line_and_column() {
+        let e = error("[app]\ncommand = [\"/bin/x\"]\n[drain]\nsignal = \"SIGNOPE\"\n");
+        assert!(
+            e.starts_with("/etc/baton/t.toml:4:10: unknown signal `SIGNOPE`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_with_position() {
+        let e = error("[app]\ncommand = [\"/bin/x\"]\ncomand = 1\n");
+        assert!(e.starts_with("/etc/baton/t.toml:3:1:"), "{e}");
+        assert!(e.contains("comand"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_has_position() {
+        let e = error("[app\ncommand = []\n");
+        assert!(e.starts_with("/etc/baton/t.toml:1:"), "{e}");
+    }
+
+    #[test]
+    fn rejects_what_an_operator_would_get_wrong() {
+        let cases = [
+            ("[app]\ncommand = []\n", "2:11", "command must name a program"),
+            (
+                "[[listen]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n[[listen]]\nname = \"a\"\naddress = \"127.0.0.1:2\"\n[app]\ncommand = [\"x\"]\n",
+                "5:8",
+                "duplicate listener name `a`",
+            ),
+            (
+                "[[listen]]\nname = \"a\"\naddress = \"localhost\"\n[app]\ncommand = [\"x\"]\n",
+                "3:11",
+                "bad address `localhost`",
+            ),
+            (
+                "[[listen]]\nname = \"a\"\naddress = \"unix:app.sock\"\n[app]\ncommand = [\"x\"]\n",
+                "3:11",
+                "must be absolute",
+            ),
+            (
+                "[[listen]]\nname = \"a b\"\naddress = \"127.0.0.1:1\"\n[app]\ncommand = [\"x\"]\n",
+                "2:8",
+                "listener name `a b`",
+            ),
+            ("[app]\ncommand = [\"x\"]\n[readiness]\ntimeout = \"soon\"\n", "4:11", "bad duration `soon`"),
+            ("[app]\ncommand = [\"x\"]\n[readiness]\ncheck = \"http\"\n", "4:9", "unknown readiness check"),
+            ("[app]\ncommand = [\"x\"]\n[drain]\nsignal = \"KILL\"\n", "4:10", "not SIGKILL"),
+            ("[app]\ncommand = [\"x\"]\nworkdir = \"rel\"\n", "3:11", "workdir path `rel` must be absolute"),
+        ];
+        for (text, position, message) in cases {
+            let e = error(text);
+            assert!(
+                e.contains(&format!("t.toml:{position}: ")),
+                "{position} in {e}"
+            );
+            assert!(e.contains(message), "{message} in {e}");
+        }
+    }
+
+    #[test]
+    fn listener_change_is_detected() {
+        let a = parse(
+            "[[listen]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n[app]\ncommand = [\"x\"]\n",
+        )
+        .unwrap();
+        let b = parse(
+            "[[listen]]\nname = \"a\"\naddress = \"127.0.0.1:2\"\n[app]\ncommand = [\"x\"]\n",
+        )
+        .unwrap();
+        let c = parse(
+            "[[listen]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n[app]\ncommand = [\"y\"]\n",
+        )
+        .unwrap();
+        assert!(a.listeners_differ(&b));
+        assert!(!a.listeners_differ(&c));
+    }
+
+    #[test]
+    fn signal_names() {
+        assert_eq!(parse_signal("term"), Some(Signal::SIGTERM));
+        assert_eq!(parse_signal("SIGHUP"), Some(Signal::SIGHUP));
+        assert_eq!(parse_signal("NOPE"), None);
+    }
+}
