@@ -1,0 +1,618 @@
+//! `hello`: a tiny HTTP/1.1 server that shows how to adapt an app to baton.
+//!
+//! # The child contract
+//!
+//! baton starts each generation of the app with the protocol of systemd
+//! socket activation, so any app that supports that already works:
+//!
+//! * The listening sockets are inherited as fds 3, 4, ... and described by
+//!   `LISTEN_FDS=<count>`, `LISTEN_PID=<pid>` and `LISTEN_FDNAMES=<a:b:...>`.
+//!   `LISTEN_PID` must be exactly our own pid: if it is not, the variables
+//!   were meant for another process (we inherited them by mistake), so we
+//!   refuse to start and exit with code 86, as gunicorn and lighttpd do.
+//!   We serve every passed fd that is a stream listener (TCP or Unix) and
+//!   ignore the others. Without `LISTEN_FDS` we bind `HELLO_ADDR`
+//!   (default `127.0.0.1:8080`) ourselves, so the example also runs alone.
+//! * Once we accept connections we send `READY=1` to `NOTIFY_SOCKET`
+//!   (a datagram socket path, or an abstract name when it starts with `@`).
+//!   baton only retires the old generation after that.
+//! * SIGTERM or SIGINT means "drain": stop accepting, close our copy of the
+//!   listeners (never `shutdown()` them: the socket is shared with baton and
+//!   the next generation), finish the requests in flight, close idle
+//!   keep-alive connections, then exit 0. We send `STOPPING=1` when the
+//!   drain starts.
+//! * `BATON_GENERATION=<n>` numbers the generations; we echo it in every
+//!   response (`X-Generation` header and the body) so tests can tell which
+//!   generation answered.
+//!
+//! Other settings: `HELLO_EXPECT_FDNAMES`, when set, must equal
+//! `LISTEN_FDNAMES` exactly (else exit 86).
+//!
+//! # HTTP
+//!
+//! Just enough for requests without a body: every request gets
+//! `generation=<G> pid=<P>`; `/slow?ms=N` (N <= 60000) waits N ms first, to
+//! keep a request in flight across a drain. Connections are kept alive
+//! unless the client asks otherwise or a drain has begun.
+//!
+//! # Fault injection for baton's tests
+//!
+//! * `HELLO_BOOT_DELAY_MS=N`: sleep N ms after taking the sockets, before
+//!   accepting and becoming ready (a slow boot).
+//! * `HELLO_FAIL=crash`: after the boot delay, exit with code 3 without
+//!   ever becoming ready.
+//! * `HELLO_FAIL=never-ready`: hold the sockets but never accept and never
+//!   send `READY=1` (an app stuck in its init); exit 0 on SIGTERM/SIGINT.
+//! * `HELLO_FAIL=ignore-term`: serve and become ready, but ignore
+//!   SIGTERM/SIGINT, so the supervisor has to SIGKILL us.
+//!
+//! Exit codes: 0 after a drain, 1 on an I/O error at startup, 2 on a bad
+//! `HELLO_*`/`BATON_GENERATION` setting, 3 for `HELLO_FAIL=crash`, 86 when
+//! the socket-activation environment is not meant for us or unusable.
+
+use std::env;
+use std::fmt::Display;
+use std::io;
+use std::os::fd::AsFd;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::sync::Arc;
+use std::time::Duration;
+
+use listenfd::ListenFd;
+use nix::sys::socket::{getsockopt, sockopt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::watch;
+use tokio::time::{sleep, timeout};
+
+/// Exit code when the socket-activation variables are not for us.
+const EXIT_NOT_FOR_US: i32 = 86;
+/// Largest request head (request line + headers) we accept.
+const MAX_HEAD: usize = 16 * 1024;
+/// How long a client may take to send a whole request head, so a silent
+/// client cannot hold up a drain forever.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long we wait for the client to hang up after our last response.
+const LINGER: Duration = Duration::from_secs(1);
+/// Longest `/slow` delay we agree to.
+const MAX_SLOW_MS: u64 = 60_000;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    // First of all: from here on SIGTERM/SIGINT no longer kill us, so a drain
+    // that arrives while we boot is never fatal.
+    let mut signals = DrainSignals::install()
+        .unwrap_or_else(|e| die(1, format_args!("cannot install signal handlers: {e}")));
+
+    let config = Config::from_env();
+    let app = Arc::new(App {
+        generation: config.generation,
+        pid: nix::unistd::getpid().as_raw(),
+    });
+
+    // Must run before `ListenFd::from_env()`, which deletes LISTEN_PID.
+    check_activation_env();
+    let listeners =
+        take_listeners().unwrap_or_else(|e| die(1, format_args!("cannot set up listeners: {e}")));
+
+    let ignore_signals = config.fault == Fault::IgnoreTerm;
+    if !config.boot_delay.is_zero() {
+        tokio::select! {
+            () = sleep(config.boot_delay) => {}
+            name = next_drain_signal(&mut signals, ignore_signals) => {
+                // Nothing is in flight yet, so draining is just leaving.
+                eprintln!("hello: {name} during boot, exiting");
+                return;
+            }
+        }
+    }
+
+    match config.fault {
+        Fault::Crash => die(3, "HELLO_FAIL=crash: crashing before becoming ready"),
+        Fault::NeverReady => {
+            eprintln!("hello: HELLO_FAIL=never-ready: holding the sockets, never ready");
+            let name = next_drain_signal(&mut signals, false).await;
+            eprintln!("hello: {name} while never ready, exiting");
+        }
+        Fault::None | Fault::IgnoreTerm => serve(listeners, app, signals, ignore_signals).await,
+    }
+}
+
+/// Accepts on every listener until a drain signal, then waits for the
+/// connections in flight to finish.
+async fn serve(listeners: Vec<Listener>, app: Arc<App>, mut signals: DrainSignals, ignore: bool) {
+    // Every accept loop and connection holds a receiver: it learns from it
+    // that the drain began, and when the last one is dropped all are done.
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let count = listeners.len();
+    for listener in listeners {
+        tokio::spawn(accept_loop(listener, app.clone(), drain_rx.clone()));
+    }
+    drop(drain_rx);
+
+    eprintln!("hello: {app} serving {count} listener(s)");
+    // The listeners are already listening: connections made from now on wait
+    // in the kernel's backlog until the accept loops pick them up.
+    notify(&format!(
+        "READY=1\nSTATUS=serving generation {}",
+        app.generation
+    ));
+
+    let name = next_drain_signal(&mut signals, ignore).await;
+    eprintln!("hello: {app} draining after {name}");
+    notify("STOPPING=1");
+    drain_tx.send_replace(true);
+    drain_tx.closed().await;
+    eprintln!("hello: {app} exiting");
+}
+
+/// What every response needs to know about this process.
+struct App {
+    generation: u64,
+    pid: i32,
+}
+
+impl Display for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "generation {} pid {}", self.generation, self.pid)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Configuration and the socket-activation contract
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    None,
+    Crash,
+    NeverReady,
+    IgnoreTerm,
+}
+
+struct Config {
+    generation: u64,
+    boot_delay: Duration,
+    fault: Fault,
+}
+
+impl Config {
+    /// Reads our settings, exiting with code 2 on a malformed one.
+    fn from_env() -> Config {
+        let fault = match env::var("HELLO_FAIL").ok().as_deref() {
+            None => Fault::None,
+            Some("crash") => Fault::Crash,
+            Some("never-ready") => Fault::NeverReady,
+            Some("ignore-term") => Fault::IgnoreTerm,
+            Some(other) => die(2, format_args!("unknown HELLO_FAIL={other}")),
+        };
+        Config {
+            generation: number_from_env("BATON_GENERATION"),
+            boot_delay: Duration::from_millis(number_from_env("HELLO_BOOT_DELAY_MS")),
+            fault,
+        }
+    }
+}
+
+/// Parses a numeric variable; unset means 0.
+fn number_from_env(name: &str) -> u64 {
+    match env::var(name) {
+        Err(env::VarError::NotPresent) => 0,
+        Ok(value) => value
+            .parse()
+            .unwrap_or_else(|_| die(2, format_args!("{name}={value} is not a number"))),
+        Err(env::VarError::NotUnicode(_)) => die(2, format_args!("{name} is not a number")),
+    }
+}
+
+/// Refuses socket-activation variables that were not meant for us.
+///
+/// Our parent may have been socket-activated itself and leaked its
+/// variables to us; using those fds would be a bug, so we are strict.
+fn check_activation_env() {
+    if let Some(fds) = env::var_os("LISTEN_FDS") {
+        let pid = nix::unistd::getpid().to_string();
+        // Compare strings, not numbers: "0123" is not our pid 123.
+        let listen_pid = env::var("LISTEN_PID").unwrap_or_else(|_| "(unset)".into());
+        if listen_pid != pid {
+            die(
+                EXIT_NOT_FOR_US,
+                format_args!("LISTEN_PID={listen_pid} is not my pid {pid}"),
+            );
+        }
+        if fds.to_str().and_then(|n| n.parse::<u32>().ok()).is_none() {
+            die(
+                EXIT_NOT_FOR_US,
+                format_args!("LISTEN_FDS={} is not a number", fds.to_string_lossy()),
+            );
+        }
+    }
+    if let Ok(expected) = env::var("HELLO_EXPECT_FDNAMES") {
+        let names = env::var("LISTEN_FDNAMES").ok();
+        if names.as_deref() != Some(expected.as_str()) {
+            die(
+                EXIT_NOT_FOR_US,
+                format_args!("LISTEN_FDNAMES={names:?}, but HELLO_EXPECT_FDNAMES={expected:?}"),
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Listeners
+// ---------------------------------------------------------------------------
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+enum Connection {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Listener {
+    async fn accept(&self) -> io::Result<Connection> {
+        Ok(match self {
+            Listener::Tcp(l) => Connection::Tcp(l.accept().await?.0),
+            Listener::Unix(l) => Connection::Unix(l.accept().await?.0),
+        })
+    }
+}
+
+/// Takes the stream listeners baton passed us, or binds `HELLO_ADDR` when
+/// we were started without any.
+fn take_listeners() -> io::Result<Vec<Listener>> {
+    if env::var_os("LISTEN_FDS").is_none() {
+        let addr = env::var("HELLO_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".into());
+        let listener = std::net::TcpListener::bind(&addr)
+            .unwrap_or_else(|e| die(1, format_args!("cannot bind HELLO_ADDR={addr}: {e}")));
+        return Ok(vec![tcp_listener(listener)?]);
+    }
+
+    let mut fds = ListenFd::from_env();
+    let mut listeners = Vec::new();
+    for index in 0..fds.len() {
+        if let Some(listener) = take_stream_listener(&mut fds, index)? {
+            listeners.push(listener);
+        }
+    }
+    if listeners.is_empty() {
+        die(EXIT_NOT_FOR_US, "LISTEN_FDS passed no stream listener");
+    }
+    Ok(listeners)
+}
+
+/// Takes fd `3 + index` if it is a listening TCP or Unix stream socket.
+fn take_stream_listener(fds: &mut ListenFd, index: usize) -> io::Result<Option<Listener>> {
+    if let Ok(Some(listener)) = fds.take_tcp_listener(index) {
+        if is_listening(&listener) {
+            return Ok(Some(tcp_listener(listener)?));
+        }
+    } else if let Ok(Some(listener)) = fds.take_unix_listener(index) {
+        if is_listening(&listener) {
+            listener.set_nonblocking(true)?;
+            return Ok(Some(Listener::Unix(UnixListener::from_std(listener)?)));
+        }
+    }
+    eprintln!(
+        "hello: ignoring fd {}: not a listening stream socket",
+        3 + index
+    );
+    Ok(None)
+}
+
+/// listenfd checks the address family and socket type, not that the socket
+/// listens; `accept()` on a connected socket would fail forever.
+fn is_listening(socket: &impl AsFd) -> bool {
+    getsockopt(socket, sockopt::AcceptConn).unwrap_or(false)
+}
+
+fn tcp_listener(listener: std::net::TcpListener) -> io::Result<Listener> {
+    // tokio requires non-blocking sockets; inherited ones usually are not.
+    listener.set_nonblocking(true)?;
+    Ok(Listener::Tcp(TcpListener::from_std(listener)?))
+}
+
+/// Accepts connections until the drain begins, then closes the listener.
+async fn accept_loop(listener: Listener, app: Arc<App>, mut drain: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            // Drain first: once draining, connections we have not accepted
+            // stay in the shared backlog for the next generation.
+            biased;
+            () = drain_started(&mut drain) => break,
+            accepted = listener.accept() => match accepted {
+                Ok(Connection::Tcp(s)) => {
+                    tokio::spawn(serve_connection(s, app.clone(), drain.clone()));
+                }
+                Ok(Connection::Unix(s)) => {
+                    tokio::spawn(serve_connection(s, app.clone(), drain.clone()));
+                }
+                Err(e) => {
+                    // E.g. out of fds: back off instead of spinning.
+                    eprintln!("hello: accept failed: {e}");
+                    sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    // Dropping closes only our copy of the fd. Never shutdown() a listener:
+    // that would stop the shared socket for baton and the next generation.
+    drop(listener);
+}
+
+/// Completes once the drain has begun (at once if it already has).
+async fn drain_started(drain: &mut watch::Receiver<bool>) {
+    // An error means the sender is gone, which only happens at exit.
+    let _ = drain.wait_for(|&draining| draining).await;
+}
+
+// ---------------------------------------------------------------------------
+// Signals and readiness
+// ---------------------------------------------------------------------------
+
+/// The signals that ask us to drain.
+struct DrainSignals {
+    term: Signal,
+    int: Signal,
+}
+
+impl DrainSignals {
+    fn install() -> io::Result<DrainSignals> {
+        Ok(DrainSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
+/// Waits for SIGTERM or SIGINT and returns its name. With `ignore`, logs
+/// each one and waits forever (the handlers stay installed, so the signals
+/// do nothing).
+async fn next_drain_signal(signals: &mut DrainSignals, ignore: bool) -> &'static str {
+    loop {
+        let name = tokio::select! {
+            _ = signals.term.recv() => "SIGTERM",
+            _ = signals.int.recv() => "SIGINT",
+        };
+        if !ignore {
+            return name;
+        }
+        eprintln!("hello: HELLO_FAIL=ignore-term: ignoring {name}");
+    }
+}
+
+/// Sends a state change to the supervisor, if it asked for them.
+fn notify(state: &str) {
+    let Some(path) = env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = UnixDatagram::unbound().and_then(|socket| {
+        match path.as_bytes().strip_prefix(b"@") {
+            // A leading '@' names a socket in the abstract namespace.
+            Some(name) => {
+                socket.send_to_addr(state.as_bytes(), &SocketAddr::from_abstract_name(name)?)
+            }
+            None => socket.send_to(state.as_bytes(), &path),
+        }
+    });
+    if let Err(e) = sent {
+        eprintln!("hello: cannot notify {path:?}: {e}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// HTTP
+// ---------------------------------------------------------------------------
+
+/// Serves requests on one connection until either side wants it closed.
+async fn serve_connection<S>(mut stream: S, app: Arc<App>, mut drain: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = Vec::new();
+    let mut first = true;
+    loop {
+        // The first request is always awaited: the client connected to send
+        // it. Later ones are optional, so a drain may close an idle
+        // connection. Bytes already in `buf` are a pipelined request.
+        if !first && buf.is_empty() && !wait_for_request(&mut stream, &mut buf, &mut drain).await {
+            break;
+        }
+        first = false;
+
+        let head = timeout(HEAD_TIMEOUT, read_head(&mut stream, &mut buf)).await;
+        let (status, body, wants_close) = match head {
+            Ok(Head::Complete(head)) => match parse_request(&head) {
+                Some(request) => {
+                    let (status, body) = respond(&request, &app).await;
+                    (status, body, request.close)
+                }
+                None => (400, "bad request\n".to_string(), true),
+            },
+            Ok(Head::TooLarge) => (400, "request head too large\n".to_string(), true),
+            Ok(Head::Closed) | Err(_) => break,
+        };
+        let close = wants_close || *drain.borrow();
+        let response = render(status, &body, app.generation, close);
+        if stream.write_all(response.as_bytes()).await.is_err() || close {
+            break;
+        }
+    }
+    close_gracefully(stream).await;
+}
+
+/// Waits on an idle keep-alive connection for the start of the next
+/// request. Returns false if the connection should be closed instead: the
+/// client hung up, or the drain began.
+async fn wait_for_request<S>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    drain: &mut watch::Receiver<bool>,
+) -> bool
+where
+    S: AsyncRead + Unpin,
+{
+    let mut chunk = [0; 4096];
+    tokio::select! {
+        // Read first: a request that already arrived when the drain began
+        // is served, not dropped.
+        biased;
+        read = stream.read(&mut chunk) => match read {
+            Ok(n) if n > 0 => {
+                buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+            _ => false,
+        },
+        () = drain_started(drain) => false,
+    }
+}
+
+enum Head {
+    /// The request line and headers, without the blank line.
+    Complete(Vec<u8>),
+    TooLarge,
+    /// The client hung up or the connection broke.
+    Closed,
+}
+
+/// Reads until the blank line ending the request head. Bytes after it stay
+/// in `buf` for the next request.
+async fn read_head<S>(stream: &mut S, buf: &mut Vec<u8>) -> Head
+where
+    S: AsyncRead + Unpin,
+{
+    let mut chunk = [0; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = buf[..end].to_vec();
+            buf.drain(..end + 4);
+            return Head::Complete(head);
+        }
+        if buf.len() >= MAX_HEAD {
+            return Head::TooLarge;
+        }
+        match stream.read(&mut chunk).await {
+            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return Head::Closed,
+        }
+    }
+}
+
+struct Request {
+    target: String,
+    /// Whether the connection must be closed after the response.
+    close: bool,
+}
+
+/// Parses a request head, or returns None if it is malformed.
+fn parse_request(head: &[u8]) -> Option<Request> {
+    let head = std::str::from_utf8(head).ok()?;
+    let mut lines = head.split("\r\n");
+    let mut request_line = lines.next()?.split(' ');
+    let (_method, target, version) = (
+        request_line.next()?,
+        request_line.next()?,
+        request_line.next()?,
+    );
+    if request_line.next().is_some() || !version.starts_with("HTTP/1.") {
+        return None;
+    }
+
+    let mut close = version == "HTTP/1.0"; // HTTP/1.0 closes by default
+    for line in lines {
+        let (name, value) = line.split_once(':')?;
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("connection") {
+            for option in value.split(',').map(str::trim) {
+                if option.eq_ignore_ascii_case("close") {
+                    close = true;
+                } else if option.eq_ignore_ascii_case("keep-alive") {
+                    close = false;
+                }
+            }
+        }
+        // We never read bodies, so after one we could not find where the
+        // next request starts: answer, then close.
+        let has_body = (name.eq_ignore_ascii_case("content-length") && value != "0")
+            || name.eq_ignore_ascii_case("transfer-encoding");
+        if has_body {
+            close = true;
+        }
+    }
+    Some(Request {
+        target: target.to_string(),
+        close,
+    })
+}
+
+/// Produces the status and body of the response to a well-formed request.
+async fn respond(request: &Request, app: &App) -> (u16, String) {
+    let (path, query) = request
+        .target
+        .split_once('?')
+        .unwrap_or((&request.target, ""));
+    if path == "/slow" {
+        match slow_delay(query) {
+            Some(delay) => sleep(delay).await,
+            None => return (400, format!("use /slow?ms=N with N <= {MAX_SLOW_MS}\n")),
+        }
+    }
+    (
+        200,
+        format!("generation={} pid={}\n", app.generation, app.pid),
+    )
+}
+
+/// The delay asked for by the query `ms=N`, if valid.
+fn slow_delay(query: &str) -> Option<Duration> {
+    let ms = query
+        .split('&')
+        .find_map(|param| param.strip_prefix("ms="))?
+        .parse()
+        .ok()?;
+    (ms <= MAX_SLOW_MS).then(|| Duration::from_millis(ms))
+}
+
+fn render(status: u16, body: &str, generation: u64, close: bool) -> String {
+    let reason = if status == 200 { "OK" } else { "Bad Request" };
+    let connection = if close { "Connection: close\r\n" } else { "" };
+    format!(
+        "HTTP/1.1 {status} {reason}\r\n\
+         Content-Type: text/plain\r\n\
+         Content-Length: {}\r\n\
+         X-Generation: {generation}\r\n\
+         {connection}\r\n\
+         {body}",
+        body.len()
+    )
+}
+
+/// Closes a connection without a TCP reset.
+///
+/// Closing a socket that still has unread input makes the kernel send a
+/// RST, which can destroy our last response before the client reads it. So
+/// we send our FIN (shutting down a *connection* is fine, unlike a
+/// listener), then read and discard until the client hangs up too.
+async fn close_gracefully<S>(mut stream: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = stream.shutdown().await;
+    let mut sink = [0; 4096];
+    let discard_until_eof =
+        async { while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {} };
+    let _ = timeout(LINGER, discard_until_eof).await;
+}
+
+/// Prints `hello: <message>` and exits with `code`.
+fn die(code: i32, message: impl Display) -> ! {
+    eprintln!("hello: {message}");
+    std::process::exit(code)
+}

@@ -1,0 +1,1373 @@
+//! The supervisor core: every deploy decision, as a transition function over
+//! plain data. No I/O and no clock: time comes in as an argument and effects
+//! go out as [`Action`]s that the IO shell (`daemon.rs`) carries out.
+//!
+//! Roles, at any instant (the invariants of `lib.rs`):
+//! - at most one `current` generation: ready and serving;
+//! - at most one `candidate`: started, not yet ready;
+//! - any number of `draining` generations, each with a kill deadline, capped
+//!   at [`MAX_DRAINING`].
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+use crate::config::{Config, ReadinessCheck};
+use crate::notify::Message;
+
+/// More draining generations than this and the oldest is killed at once, so
+/// fast repeated deploys cannot pile up old processes.
+pub const MAX_DRAINING: usize = 8;
+
+/// Identifies a client waiting on a deploy (`baton reload --wait`).
+pub type WaiterId = u64;
+
+/// How a child process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(Signal),
+}
+
+impl ExitStatus {
+    /// Shell convention: the code, or 128 + the signal number.
+    pub fn shell_code(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => 128 + s as i32,
+        }
+    }
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitStatus::Code(c) => write!(f, "exited with code {c}"),
+            ExitStatus::Signal(s) => write!(f, "killed by signal {}", s.as_str()),
+        }
+    }
+}
+
+/// Inputs to the core.
+#[derive(Debug)]
+pub enum Event {
+    /// Deploy `config` (a SIGHUP, or `baton reload`, with the re-read file).
+    Reload {
+        config: Arc<Config>,
+        waiter: Option<WaiterId>,
+    },
+    /// The shell started the process of `generation`.
+    Spawned { generation: u64, pid: Pid },
+    /// The shell could not start `generation` (fork, chdir or exec failed).
+    SpawnFailed { generation: u64, error: String },
+    /// A child was reaped. Pids the core does not know are ignored.
+    Exited { pid: Pid, status: ExitStatus },
+    /// A datagram on the notify socket, already authenticated by pid.
+    Notify { pid: Pid, message: Message },
+    /// Graceful stop (drain everything) or fast stop (kill everything).
+    Stop { fast: bool },
+    /// Time passed: check deadlines against `now`.
+    Tick,
+}
+
+/// Effects for the shell to carry out, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Spawn {
+        generation: u64,
+        config: Arc<Config>,
+    },
+    Signal {
+        pid: Pid,
+        signal: Signal,
+    },
+    /// SIGKILL to the process group `pgid` (each generation leads its own).
+    KillGroup {
+        pgid: Pid,
+    },
+    Progress {
+        waiter: WaiterId,
+        progress: Progress,
+    },
+    Upstream(Upstream),
+    /// Everything is stopped: exit the daemon with this code.
+    Exit(i32),
+}
+
+/// Messages for the service manager that started baton (sd_notify).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    /// The first generation is serving: `READY=1` + `MAINPID`.
+    Ready {
+        status: String,
+    },
+    /// A deploy began: `RELOADING=1` + `MONOTONIC_USEC`.
+    Reloading,
+    /// A deploy ended either way: `READY=1` + `STATUS=`.
+    Reloaded {
+        status: String,
+    },
+    Status(String),
+    Stopping,
+}
+
+/// What a waiting client hears about its deploy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// Another deploy runs; this one follows it.
+    Queued,
+    Started {
+        generation: u64,
+        pid: Pid,
+    },
+    Ready {
+        generation: u64,
+        after: Duration,
+    },
+    Draining {
+        generation: u64,
+        pid: Pid,
+    },
+    Done(Outcome),
+}
+
+/// How a deploy ended. A failed deploy is an outcome, not an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded {
+        generation: u64,
+        ready_after: Duration,
+    },
+    Failed {
+        generation: u64,
+        reason: Failure,
+    },
+    /// baton is stopping; the deploy did not run or was abandoned.
+    Cancelled,
+}
+
+impl Outcome {
+    pub fn succeeded(&self) -> bool {
+        matches!(self, Outcome::Succeeded { .. })
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Succeeded {
+                generation,
+                ready_after,
+            } => write!(
+                f,
+                "generation {generation} is serving (ready after {})",
+                secs(*ready_after)
+            ),
+            Outcome::Failed { generation, reason } => {
+                write!(f, "generation {generation} failed: {reason}")
+            }
+            Outcome::Cancelled => f.write_str("cancelled: baton is stopping"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    Exited(ExitStatus),
+    SpawnFailed(String),
+    NotReady(Duration),
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Exited(status) => write!(f, "{status} before it was ready"),
+            Failure::SpawnFailed(e) => f.write_str(e),
+            Failure::NotReady(t) => write!(f, "not ready within {}", secs(*t)),
+        }
+    }
+}
+
+/// "0.42 s", "30 s": short, for logs and progress lines.
+pub fn secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s < 10.0 {
+        format!("{s:.2} s")
+    } else {
+        format!("{s:.0} s")
+    }
+}
+
+/// One process of the application, with the configuration it started with.
+#[derive(Debug)]
+struct Generation {
+    id: u64,
+    config: Arc<Config>,
+    /// `None` between `Action::Spawn` and `Event::Spawned`.
+    pid: Option<Pid>,
+    started: Instant,
+    state: State,
+    /// The child's latest `STATUS=` text.
+    status: Option<String>,
+}
+
+/// Lifecycle of a generation. A process may already have exited while its
+/// generation is still in any of these states: the core learns it from
+/// `Event::Exited`, which the shell delivers as soon as it reaps the pid.
+#[derive(Debug, Clone, Copy)]
+enum State {
+    /// Candidate. `ready_at` is set for `check = "delay"`.
+    Starting {
+        deadline: Instant,
+        ready_at: Option<Instant>,
+    },
+    Ready {
+        since: Instant,
+        latency: Duration,
+    },
+    Draining {
+        deadline: Instant,
+        killed: bool,
+    },
+}
+
+/// Why a candidate is being started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// The first generation at start-up.
+    Initial,
+    /// Replacing a crashed current generation (or a failed initial one).
+    Restart,
+    /// A deploy asked for by a reload.
+    Deploy,
+}
+
+#[derive(Debug)]
+struct Candidate {
+    generation: Generation,
+    kind: Kind,
+    waiters: Vec<WaiterId>,
+}
+
+/// A reload that arrived during a deploy: the latest config wins, every
+/// waiter is told about the one follow-up deploy.
+#[derive(Debug)]
+struct Pending {
+    config: Arc<Config>,
+    waiters: Vec<WaiterId>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Running,
+    Stopping { fast: bool },
+    Exited,
+}
+
+/// The last deploy's outcome, for `baton status`.
+#[derive(Debug, Clone)]
+pub struct LastDeploy {
+    pub outcome: Outcome,
+    pub finished: Instant,
+    pub took: Duration,
+}
+
+pub struct Supervisor {
+    current: Option<Generation>,
+    candidate: Option<Candidate>,
+    draining: Vec<Generation>,
+    pending: Option<Pending>,
+    /// Config of the last generation that became ready; restarts use it.
+    serving_config: Arc<Config>,
+    next_id: u64,
+    mode: Mode,
+    /// Set while no generation serves and a restart waits out its backoff.
+    restart_at: Option<Instant>,
+    /// Consecutive failures to keep a generation up, for the backoff.
+    failures: u32,
+    /// READY=1 goes upstream once, when the first generation is ready.
+    announced: bool,
+    last_deploy: Option<LastDeploy>,
+    rng: fastrand::Rng,
+}
+
+impl Supervisor {
+    /// Starts supervising: spawns generation 1 at once.
+    pub fn new(config: Arc<Config>, now: Instant, seed: u64) -> (Supervisor, Vec<Action>) {
+        let mut s = Supervisor {
+            current: None,
+            candidate: None,
+            draining: Vec::new(),
+            pending: None,
+            serving_config: config.clone(),
+            next_id: 1,
+            mode: Mode::Running,
+            restart_at: None,
+            failures: 0,
+            announced: false,
+            last_deploy: None,
+            rng: fastrand::Rng::with_seed(seed),
+        };
+        let mut actions = Vec::new();
+        s.start_candidate(config, Kind::Initial, Vec::new(), now, &mut actions);
+        (s, actions)
+    }
+
+    /// The transition function.
+    pub fn handle(&mut self, event: Event, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        match event {
+            Event::Reload { config, waiter } => self.reload(config, waiter, now, &mut actions),
+            Event::Spawned { generation, pid } => self.spawned(generation, pid, &mut actions),
+            Event::SpawnFailed { generation, error } => {
+                if self.is_candidate(generation) {
+                    tracing::error!(generation, "cannot start: {error}");
+                    self.fail_candidate(Failure::SpawnFailed(error), now, &mut actions);
+                }
+            }
+            Event::Exited { pid, status } => self.exited(pid, status, now, &mut actions),
+            Event::Notify { pid, message } => self.notify(pid, message, now, &mut actions),
+            Event::Stop { fast } => self.stop(fast, now, &mut actions),
+            Event::Tick => self.tick(now, &mut actions),
+        }
+        self.exit_if_done(&mut actions);
+        actions
+    }
+
+    /// The earliest instant at which `Event::Tick` has work to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let candidate = self
+            .candidate
+            .as_ref()
+            .and_then(|c| match c.generation.state {
+                State::Starting { deadline, ready_at } => {
+                    Some(ready_at.map_or(deadline, |r| r.min(deadline)))
+                }
+                _ => None,
+            });
+        let draining = self.draining.iter().filter_map(|g| match g.state {
+            State::Draining {
+                deadline,
+                killed: false,
+            } => Some(deadline),
+            _ => None,
+        });
+        candidate
+            .into_iter()
+            .chain(draining)
+            .chain(self.restart_at)
+            .min()
+    }
+
+    /// Every pid the core supervises (for authenticating notify datagrams).
+    pub fn owns(&self, pid: Pid) -> bool {
+        self.generations().any(|g| g.pid == Some(pid))
+    }
+
+    fn generations(&self) -> impl Iterator<Item = &Generation> {
+        self.current
+            .iter()
+            .chain(self.candidate.iter().map(|c| &c.generation))
+            .chain(self.draining.iter())
+    }
+
+    fn is_candidate(&self, id: u64) -> bool {
+        self.candidate
+            .as_ref()
+            .is_some_and(|c| c.generation.id == id)
+    }
+
+    fn reload(
+        &mut self,
+        config: Arc<Config>,
+        waiter: Option<WaiterId>,
+        now: Instant,
+        actions: &mut Vec<Action>,
+    ) {
+        if self.mode != Mode::Running {
+            if let Some(waiter) = waiter {
+                actions.push(progress(waiter, Progress::Done(Outcome::Cancelled)));
+            }
+            return;
+        }
+        if self.candidate.is_some() {
+            // One deploy at a time: coalesce into a single follow-up.
+            tracing::info!("reload requested during a deploy: queued to follow it");
+            let pending = self.pending.get_or_insert_with(|| Pending {
+                config: config.clone(),
+                waiters: Vec::new(),
+            });
+            pending.config = config;
+            if let Some(waiter) = waiter {
+                pending.waiters.push(waiter);
+                actions.push(progress(waiter, Progress::Queued));
+            }
+            return;
+        }
+        // A restart waiting out its backoff is replaced by the deploy.
+        self.restart_at = None;
+        let waiters = waiter.into_iter().collect();
+        self.start_candidate(config, Kind::Deploy, waiters, now, actions);
+    }
+
+    fn start_candidate(
+        &mut self,
+        config: Arc<Config>,
+        kind: Kind,
+        waiters: Vec<WaiterId>,
+        now: Instant,
+        actions: &mut Vec<Action>,
+    ) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let readiness = config.readiness;
+        let ready_at = match readiness.check {
+            ReadinessCheck::Notify => None,
+            ReadinessCheck::Delay(d) => Some(now + d),
+        };
+        tracing::info!(generation = id, "starting generation {id}");
+        if kind == Kind::Deploy {
+            actions.push(Action::Upstream(Upstream::Reloading));
+        }
+        actions.push(Action::Spawn {
+            generation: id,
+            config: config.clone(),
+        });
+        self.candidate = Some(Candidate {
+            generation: Generation {
+                id,
+                config,
+                pid: None,
+                started: now,
+                state: State::Starting {
+                    deadline: now + readiness.timeout,
+                    ready_at,
+                },
+                status: None,
+            },
+            kind,
+            waiters,
+        });
+    }
+
+    fn spawned(&mut self, id: u64, pid: Pid, actions: &mut Vec<Action>) {
+        let Some(candidate) = self.candidate.as_mut().filter(|c| c.generation.id == id) else {
+            return;
+        };
+        candidate.generation.pid = Some(pid);
+        tracing::info!(generation = id, %pid, "generation {id} started as pid {pid}");
+        for &waiter in &candidate.waiters {
+            actions.push(progress(
+                waiter,
+                Progress::Started {
+                    generation: id,
+                    pid,
+                },
+            ));
+        }
+    }
+
+    fn notify(&mut self, pid: Pid, message: Message, now: Instant, actions: &mut Vec<Action>) {
+        let Some(generation) = self.generation_mut(pid) else {
+            if message.ready {
+                tracing::warn!(%pid, "ignoring READY=1 from pid {pid}: not a supervised process");
+            } else {
+                tracing::debug!(%pid, "ignoring notify message from unsupervised pid {pid}");
+            }
+            return;
+        };
+        let id = generation.id;
+        if let Some(status) = message.status {
+            tracing::debug!(generation = id, "status: {status}");
+            generation.status = Some(status);
+        }
+        if message.stopping {
+            tracing::info!(generation = id, "generation {id} is stopping");
+        }
+        if message.mainpid.is_some() {
+            tracing::warn!(
+                generation = id,
+                "ignoring MAINPID= from pid {pid}: baton tracks the process it started"
+            );
+        }
+        if message.ready && self.is_candidate(id) {
+            self.promote(now, actions);
+        }
+    }
+
+    fn generation_mut(&mut self, pid: Pid) -> Option<&mut Generation> {
+        self.current
+            .iter_mut()
+            .chain(self.candidate.iter_mut().map(|c| &mut c.generation))
+            .chain(self.draining.iter_mut())
+            .find(|g| g.pid == Some(pid))
+    }
+
+    /// The candidate is ready: it becomes current, the old current drains.
+    fn promote(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        let Some(Candidate {
+            mut generation,
+            kind,
+            waiters,
+        }) = self.candidate.take()
+        else {
+            return;
+        };
+        let (id, latency) = (generation.id, now - generation.started);
+        generation.state = State::Ready {
+            since: now,
+            latency,
+        };
+        self.serving_config = generation.config.clone();
+        tracing::info!(
+            generation = id,
+            "generation {id} is ready after {}",
+            secs(latency)
+        );
+        for &waiter in &waiters {
+            actions.push(progress(
+                waiter,
+                Progress::Ready {
+                    generation: id,
+                    after: latency,
+                },
+            ));
+        }
+        let old = self.current.replace(generation);
+        if let Some(old) = old {
+            for &waiter in &waiters {
+                if let Some(pid) = old.pid {
+                    let progress_msg = Progress::Draining {
+                        generation: old.id,
+                        pid,
+                    };
+                    actions.push(progress(waiter, progress_msg));
+                }
+            }
+            self.drain(old, now, actions);
+        }
+        let outcome = Outcome::Succeeded {
+            generation: id,
+            ready_after: latency,
+        };
+        let status = format!("generation {id} serving");
+        if !self.announced {
+            self.announced = true;
+            actions.push(Action::Upstream(Upstream::Ready { status }));
+        } else if kind == Kind::Deploy {
+            actions.push(Action::Upstream(Upstream::Reloaded { status }));
+        } else {
+            actions.push(Action::Upstream(Upstream::Status(status)));
+        }
+        self.finish_deploy(kind, outcome, latency, waiters, now, actions);
+    }
+
+    /// Records the outcome, answers the waiters and starts a queued reload.
+    fn finish_deploy(
+        &mut self,
+        kind: Kind,
+        outcome: Outcome,
+        took: Duration,
+        waiters: Vec<WaiterId>,
+        now: Instant,
+        actions: &mut Vec<Action>,
+    ) {
+        if kind == Kind::Deploy {
+            tracing::info!("deploy: {outcome}");
+            self.last_deploy = Some(LastDeploy {
+                outcome: outcome.clone(),
+                finished: now,
+                took,
+            });
+        }
+        for waiter in waiters {
+            actions.push(progress(waiter, Progress::Done(outcome.clone())));
+        }
+        if let Some(Pending { config, waiters }) = self.pending.take() {
+            self.restart_at = None;
+            self.start_candidate(config, Kind::Deploy, waiters, now, actions);
+        }
+    }
+
+    /// The candidate failed. The current generation is untouched.
+    fn fail_candidate(&mut self, reason: Failure, now: Instant, actions: &mut Vec<Action>) {
+        let Some(Candidate {
+            mut generation,
+            kind,
+            waiters,
+        }) = self.candidate.take()
+        else {
+            return;
+        };
+        let id = generation.id;
+        let took = now - generation.started;
+        match (&reason, generation.pid) {
+            // It may already have accepted connections from the shared
+            // queue: stop it like a draining generation.
+            (Failure::NotReady(_), Some(_)) => {
+                generation.started = now;
+                self.drain(generation, now, actions);
+            }
+            // Exited: clean up whatever it left in its process group.
+            (Failure::Exited(_), Some(pid)) => actions.push(Action::KillGroup { pgid: pid }),
+            _ => {}
+        }
+        let outcome = Outcome::Failed {
+            generation: id,
+            reason,
+        };
+        let serving = self.current.as_ref().map(|g| g.id);
+        let status = match serving {
+            Some(old) => format!("{outcome}; generation {old} still serving"),
+            None => format!("{outcome}; nothing serving"),
+        };
+        tracing::error!(generation = id, "{status}");
+        if kind == Kind::Deploy {
+            actions.push(Action::Upstream(Upstream::Reloaded {
+                status: status.clone(),
+            }));
+        } else {
+            actions.push(Action::Upstream(Upstream::Status(status.clone())));
+        }
+        if serving.is_none() && self.mode == Mode::Running {
+            self.schedule_restart(now);
+        }
+        self.finish_deploy(kind, outcome, took, waiters, now, actions);
+    }
+
+    fn schedule_restart(&mut self, now: Instant) {
+        let restart = self.serving_config.restart;
+        self.failures = self.failures.saturating_add(1);
+        let exp = restart
+            .backoff_initial
+            .saturating_mul(1u32 << (self.failures - 1).min(20));
+        let capped = exp.min(restart.backoff_max);
+        // Full backoff would make every crashed instance of a fleet restart
+        // in lockstep; jitter spreads them over [delay/2, delay].
+        let delay = capped.mul_f64(0.5 + self.rng.f64() * 0.5);
+        tracing::warn!("restarting in {} (failure {})", secs(delay), self.failures);
+        self.restart_at = Some(now + delay);
+    }
+
+    fn drain(&mut self, mut generation: Generation, now: Instant, actions: &mut Vec<Action>) {
+        let drain = generation.config.drain;
+        generation.state = State::Draining {
+            deadline: now + drain.timeout,
+            killed: false,
+        };
+        if let Some(pid) = generation.pid {
+            tracing::info!(
+                generation = generation.id,
+                "draining generation {} (pid {pid}) with {}",
+                generation.id,
+                drain.signal.as_str()
+            );
+            actions.push(Action::Signal {
+                pid,
+                signal: drain.signal,
+            });
+        }
+        self.draining.push(generation);
+        let live = |g: &&Generation| matches!(g.state, State::Draining { killed: false, .. });
+        if self.draining.iter().filter(live).count() > MAX_DRAINING {
+            let oldest = self.draining.iter_mut().find(|g| live(&&**g));
+            if let Some(oldest) = oldest {
+                tracing::warn!(
+                    generation = oldest.id,
+                    "more than {MAX_DRAINING} generations draining: killing generation {}",
+                    oldest.id
+                );
+                kill(oldest, actions);
+            }
+        }
+    }
+
+    fn exited(&mut self, pid: Pid, status: ExitStatus, now: Instant, actions: &mut Vec<Action>) {
+        if self
+            .candidate
+            .as_ref()
+            .is_some_and(|c| c.generation.pid == Some(pid))
+        {
+            self.fail_candidate(Failure::Exited(status), now, actions);
+            return;
+        }
+        if let Some(i) = self.draining.iter().position(|g| g.pid == Some(pid)) {
+            let g = self.draining.remove(i);
+            tracing::info!(generation = g.id, %pid, "generation {} (pid {pid}) {status}", g.id);
+            // KillMode=mixed: what the main process left behind goes too.
+            actions.push(Action::KillGroup { pgid: pid });
+            return;
+        }
+        if let Some(g) = self.current.take_if(|g| g.pid == Some(pid)) {
+            tracing::error!(generation = g.id, %pid, "generation {} (pid {pid}) {status} while serving", g.id);
+            actions.push(Action::KillGroup { pgid: pid });
+            let stable = match g.state {
+                State::Ready { since, .. } => now - since >= g.config.restart.backoff_max,
+                _ => false,
+            };
+            if stable {
+                self.failures = 0;
+            }
+            actions.push(Action::Upstream(Upstream::Status(format!(
+                "generation {} {status}; restarting",
+                g.id
+            ))));
+            // A running deploy's candidate will take over; otherwise restart.
+            if self.candidate.is_none() {
+                self.schedule_restart(now);
+            }
+        }
+    }
+
+    fn tick(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        if let Some(c) = &self.candidate {
+            if let State::Starting { deadline, ready_at } = c.generation.state {
+                if ready_at.is_some_and(|r| r <= now) && c.generation.pid.is_some() {
+                    self.promote(now, actions);
+                } else if deadline <= now {
+                    let timeout = c.generation.config.readiness.timeout;
+                    self.fail_candidate(Failure::NotReady(timeout), now, actions);
+                }
+            }
+        }
+        for g in &mut self.draining {
+            if let State::Draining {
+                deadline,
+                killed: false,
+            } = g.state
+            {
+                if deadline <= now {
+                    tracing::warn!(
+                        generation = g.id,
+                        "generation {} (pid {}) still running after its drain timeout of {}: killing its process group",
+                        g.id,
+                        g.pid.map_or_else(|| "?".to_owned(), |p| p.to_string()),
+                        secs(g.config.drain.timeout)
+                    );
+                    kill(g, actions);
+                }
+            }
+        }
+        if self.restart_at.is_some_and(|t| t <= now) && self.candidate.is_none() {
+            self.restart_at = None;
+            let config = self.serving_config.clone();
+            self.start_candidate(config, Kind::Restart, Vec::new(), now, actions);
+        }
+    }
+
+    fn stop(&mut self, fast: bool, now: Instant, actions: &mut Vec<Action>) {
+        match self.mode {
+            Mode::Stopping { fast: true } | Mode::Exited => return,
+            Mode::Stopping { fast: false } if !fast => return,
+            Mode::Stopping { .. } => {}
+            Mode::Running => actions.push(Action::Upstream(Upstream::Stopping)),
+        }
+        tracing::info!(
+            "{} stop: {} every generation",
+            if fast { "fast" } else { "graceful" },
+            if fast { "killing" } else { "draining" }
+        );
+        self.mode = Mode::Stopping { fast };
+        self.restart_at = None;
+        let mut waiters: Vec<WaiterId> = self.pending.take().map(|p| p.waiters).unwrap_or_default();
+        if let Some(c) = self.candidate.take() {
+            waiters.extend(c.waiters);
+            self.drain(c.generation, now, actions);
+        }
+        if let Some(current) = self.current.take() {
+            self.drain(current, now, actions);
+        }
+        for waiter in waiters {
+            actions.push(progress(waiter, Progress::Done(Outcome::Cancelled)));
+        }
+        if fast {
+            for g in &mut self.draining {
+                if matches!(g.state, State::Draining { killed: false, .. }) {
+                    kill(g, actions);
+                }
+            }
+        }
+    }
+
+    fn exit_if_done(&mut self, actions: &mut Vec<Action>) {
+        if matches!(self.mode, Mode::Stopping { .. }) && self.generations().next().is_none() {
+            tracing::info!("every generation has exited");
+            self.mode = Mode::Exited;
+            actions.push(Action::Exit(0));
+        }
+    }
+
+    /// A snapshot for `baton status`.
+    pub fn status(&self, now: Instant) -> Status {
+        let generations = self
+            .generations()
+            .map(|g| {
+                let (state, latency) = match g.state {
+                    State::Starting { .. } => ("starting", None),
+                    State::Ready { latency, .. } => ("ready", Some(latency)),
+                    State::Draining { .. } => ("draining", None),
+                };
+                GenerationStatus {
+                    generation: g.id,
+                    pid: g.pid.map(|p| p.as_raw()),
+                    state,
+                    age: now.saturating_duration_since(g.started),
+                    ready_after: latency,
+                    command: g.config.app.command.join(" "),
+                    status: g.status.clone(),
+                }
+            })
+            .collect();
+        Status {
+            generations,
+            deploying: self
+                .candidate
+                .as_ref()
+                .is_some_and(|c| c.kind == Kind::Deploy),
+            queued: self.pending.is_some(),
+            restarting_in: self.restart_at.map(|t| t.saturating_duration_since(now)),
+            last_deploy: self.last_deploy.clone().map(|l| (l, now)),
+            stopping: self.mode != Mode::Running,
+        }
+    }
+}
+
+fn progress(waiter: WaiterId, progress: Progress) -> Action {
+    Action::Progress { waiter, progress }
+}
+
+fn kill(g: &mut Generation, actions: &mut Vec<Action>) {
+    if let State::Draining { killed, .. } = &mut g.state {
+        *killed = true;
+    }
+    if let Some(pgid) = g.pid {
+        actions.push(Action::KillGroup { pgid });
+    }
+}
+
+/// What `baton status` shows.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub generations: Vec<GenerationStatus>,
+    pub deploying: bool,
+    /// A reload is queued behind the running deploy.
+    pub queued: bool,
+    pub restarting_in: Option<Duration>,
+    /// The last deploy and the instant the snapshot was taken.
+    pub last_deploy: Option<(LastDeploy, Instant)>,
+    pub stopping: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerationStatus {
+    pub generation: u64,
+    pub pid: Option<i32>,
+    pub state: &'static str,
+    pub age: Duration,
+    pub ready_after: Option<Duration>,
+    pub command: String,
+    pub status: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const BASE: &str = r#"
+[app]
+command = ["/bin/app"]
+[readiness]
+timeout = "5s"
+[drain]
+timeout = "10s"
+[restart]
+backoff_initial = "100ms"
+backoff_max = "1s"
+"#;
+
+    fn config(text: &str) -> Arc<Config> {
+        Arc::new(Config::parse(Path::new("/etc/baton/test.toml"), text).unwrap())
+    }
+
+    /// Drives a supervisor through events at chosen instants.
+    struct Harness {
+        s: Supervisor,
+        t0: Instant,
+        now: Instant,
+        config: Arc<Config>,
+    }
+
+    fn pid(n: i32) -> Pid {
+        Pid::from_raw(n)
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    impl Harness {
+        fn with(text: &str) -> (Harness, Vec<Action>) {
+            let config = config(text);
+            let t0 = Instant::now();
+            let (s, actions) = Supervisor::new(config.clone(), t0, 1);
+            (
+                Harness {
+                    s,
+                    t0,
+                    now: t0,
+                    config,
+                },
+                actions,
+            )
+        }
+
+        /// Generation 1 running as pid 100 and ready.
+        fn serving() -> Harness {
+            let (mut h, _) = Harness::with(BASE);
+            h.on(Event::Spawned {
+                generation: 1,
+                pid: pid(100),
+            });
+            h.on(ready(100));
+            h
+        }
+
+        fn at(&mut self, offset: Duration) -> &mut Self {
+            self.now = self.t0 + offset;
+            self
+        }
+
+        fn on(&mut self, event: Event) -> Vec<Action> {
+            self.s.handle(event, self.now)
+        }
+
+        fn reload(&mut self, waiter: Option<WaiterId>) -> Vec<Action> {
+            let config = self.config.clone();
+            self.on(Event::Reload { config, waiter })
+        }
+
+        fn states(&self) -> Vec<(u64, &'static str)> {
+            let status = self.s.status(self.now);
+            status
+                .generations
+                .iter()
+                .map(|g| (g.generation, g.state))
+                .collect()
+        }
+    }
+
+    fn ready(p: i32) -> Event {
+        Event::Notify {
+            pid: pid(p),
+            message: Message::parse(b"READY=1"),
+        }
+    }
+
+    fn exited(p: i32, code: i32) -> Event {
+        Event::Exited {
+            pid: pid(p),
+            status: ExitStatus::Code(code),
+        }
+    }
+
+    fn spawns(actions: &[Action]) -> Vec<u64> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Spawn { generation, .. } => Some(*generation),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn done(actions: &[Action], waiter: WaiterId) -> Option<&Outcome> {
+        actions.iter().find_map(|a| match a {
+            Action::Progress {
+                waiter: w,
+                progress: Progress::Done(outcome),
+            } if *w == waiter => Some(outcome),
+            _ => None,
+        })
+    }
+
+    fn term(p: i32) -> Action {
+        Action::Signal {
+            pid: pid(p),
+            signal: Signal::SIGTERM,
+        }
+    }
+
+    fn kill_group(p: i32) -> Action {
+        Action::KillGroup { pgid: pid(p) }
+    }
+
+    #[test]
+    fn first_generation_starts_and_announces_ready() {
+        let (mut h, actions) = Harness::with(BASE);
+        assert_eq!(spawns(&actions), [1]);
+        assert_eq!(h.states(), [(1, "starting")]);
+        h.on(Event::Spawned {
+            generation: 1,
+            pid: pid(100),
+        });
+        let actions = h.at(ms(40)).on(ready(100));
+        assert_eq!(
+            actions,
+            [Action::Upstream(Upstream::Ready {
+                status: "generation 1 serving".into()
+            })]
+        );
+        assert_eq!(h.states(), [(1, "ready")]);
+    }
+
+    #[test]
+    fn deploy_success_drains_old_only_after_new_is_ready() {
+        let mut h = Harness::serving();
+        let actions = h.at(ms(1000)).reload(Some(7));
+        assert_eq!(actions[0], Action::Upstream(Upstream::Reloading));
+        assert_eq!(spawns(&actions), [2]);
+        let actions = h.on(Event::Spawned {
+            generation: 2,
+            pid: pid(200),
+        });
+        assert_eq!(
+            actions,
+            [Action::Progress {
+                waiter: 7,
+                progress: Progress::Started {
+                    generation: 2,
+                    pid: pid(200)
+                }
+            }]
+        );
+        // Not ready yet: the old generation is untouched.
+        assert_eq!(h.states(), [(1, "ready"), (2, "starting")]);
+        let actions = h.at(ms(1300)).on(ready(200));
+        let signal_at = actions.iter().position(|a| *a == term(100)).unwrap();
+        let ready_at = actions
+            .iter()
+            .position(|a| {
+                matches!(
+                    a,
+                    Action::Progress {
+                        progress: Progress::Ready { .. },
+                        ..
+                    }
+                )
+            })
+            .unwrap();
+        assert!(ready_at < signal_at);
+        assert_eq!(
+            done(&actions, 7),
+            Some(&Outcome::Succeeded {
+                generation: 2,
+                ready_after: ms(300)
+            })
+        );
+        assert!(actions.contains(&Action::Upstream(Upstream::Reloaded {
+            status: "generation 2 serving".into()
+        })));
+        assert_eq!(h.states(), [(2, "ready"), (1, "draining")]);
+        // The old one exits by itself: its group is cleaned, nothing else.
+        assert_eq!(h.on(exited(100, 0)), [kill_group(100)]);
+        assert_eq!(h.states(), [(2, "ready")]);
+        assert!(h.s.next_deadline().is_none(), "idle means no wake-ups");
+    }
+
+    #[test]
+    fn candidate_exiting_before_ready_fails_and_old_keeps_serving() {
+        let mut h = Harness::serving();
+        h.reload(Some(1));
+        h.on(Event::Spawned {
+            generation: 2,
+            pid: pid(200),
+        });
+        let actions = h.on(exited(200, 3));
+        assert_eq!(
+            done(&actions, 1),
+            Some(&Outcome::Failed {
+                generation: 2,
+                reason: Failure::Exited(ExitStatus::Code(3))
+            })
+        );
+        assert!(!actions.iter().any(|a| matches!(a, Action::Signal { .. })));
+        assert_eq!(h.states(), [(1, "ready")]);
+        let status = h.s.status(h.now);
+        let (last, _) = status.last_deploy.unwrap();
+        assert_eq!(
+            last.outcome.to_string(),
+            "generation 2 failed: exited with code 3 before it was ready"
+        );
+    }
+
+    #[test]
+    fn candidate_not_ready_in_time_is_drained_then_killed() {
+        let mut h = Harness::serving();
+        h.at(ms(1000)).reload(Some(1));
+        h.on(Event::Spawned {
+            generation: 2,
+            pid: pid(200),
+        });
+        assert_eq!(h.s.next_deadline(), Some(h.t0 + ms(6000)));
+        assert!(h.at(ms(5999)).on(Event::Tick).is_empty());
+        let actions = h.at(ms(6000)).on(Event::Tick);
+        assert!(actions.contains(&term(200)), "{actions:?}");
+        assert!(!actions.contains(&term(100)));
+        assert_eq!(
+            done(&actions, 1),
+            Some(&Outcome::Failed {
+                generation: 2,
+                reason: Failure::NotReady(ms(5000))
+            })
+        );
+        assert_eq!(h.states(), [(1, "ready"), (2, "draining")]);
+        // It ignores the drain signal: killed at its drain deadline.
+        assert_eq!(h.s.next_deadline(), Some(h.t0 + ms(16000)));
+        assert_eq!(h.at(ms(16000)).on(Event::Tick), [kill_group(200)]);
+        h.on(Event::Exited {
+            pid: pid(200),
+            status: ExitStatus::Signal(Signal::SIGKILL),
+        });
+        assert_eq!(h.states(), [(1, "ready")]);
+    }
+
+    #[test]
+    fn exec_failure_is_reported_and_nothing_is_signalled() {
+        let mut h = Harness::serving();
+        h.reload(Some(1));
+        let actions = h.on(Event::SpawnFailed {
+            generation: 2,
+            error: "exec failed: ENOENT".into(),
+        });
+        assert_eq!(
+            done(&actions, 1),
+            Some(&Outcome::Failed {
+                generation: 2,
+                reason: Failure::SpawnFailed("exec failed: ENOENT".into())
+            })
+        );
+        assert!(!actions
+            .iter()
+            .any(|a| matches!(a, Action::Signal { .. } | Action::KillGroup { .. })));
+        assert_eq!(h.states(), [(1, "ready")]);
+    }
+
+    #[test]
+    fn reloads_during_a_deploy_coalesce_into_one_follow_up() {
+        let mut h = Harness::serving();
+        h.reload(Some(1));
+        h.on(Event::Spawned {
+            generation: 2,
+            pid: pid(200),
+        });
+        for waiter in [2, 3] {
+            let actions = h.reload(Some(waiter));
+            assert_eq!(
+                actions,
+                [Action::Progress {
+                    waiter,
+                    progress: Progress::Queued
+                }]
+            );
+        }
+        h.reload(None); // a SIGHUP joins the same follow-up
+        assert!(h.s.status(h.now).queued);
+        let actions = h.on(ready(200));
+        assert!(done(&actions, 1).unwrap().succeeded());
+        assert_eq!(done(&actions, 2), None);
+        assert_eq!(spawns(&actions), [3], "exactly one follow-up deploy");
+        h.on(Event::Spawned {
+            generation: 3,
+            pid: pid(300),
+        });
+        let actions = h.on(ready(300));
+        assert!(done(&actions, 2).unwrap().succeeded());
+        assert!(done(&actions, 3).unwrap().succeeded());
+        assert!(spawns(&actions).is_empty());
+        assert_eq!(h.states(), [(3, "ready"), (1, "draining"), (2, "draining")]);
+    }
+
+    #[test]
+    fn stop_during_deploy_drains_everything_then_exits() {
+        let mut h = Harness::serving();
+        h.reload(Some(1));
+        h.on(Event::Spawned {
+            generation: 2,
+            pid: pid(200),
+        });
+        let actions = h.on(Event::Stop { fast: false });
+        assert_eq!(actions[0], Action::Upstream(Upstream::Stopping));
+        assert!(actions.contains(&term(100)) && actions.contains(&term(200)));
+        assert_eq!(done(&actions, 1), Some(&Outcome::Cancelled));
+        // A reload while stopping is refused.
+        let actions = h.reload(Some(2));
+        assert_eq!(done(&actions, 2), Some(&Outcome::Cancelled));
+        assert!(!h.on(exited(100, 0)).contains(&Action::Exit(0)));
+        assert_eq!(h.on(exited(200, 0)), [kill_group(200), Action::Exit(0)]);
+    }
+
+    #[test]
+    fn fast_stop_kills_every_group() {
+        let mut h = Harness::serving();
+        let actions = h.on(Event::Stop { fast: true });
+        assert!(actions.contains(&kill_group(100)));
+        let actions = h.on(Event::Exited {
+            pid: pid(100),
+            status: ExitStatus::Signal(Signal::SIGKILL),
+        });
+        assert_eq!(actions.last(), Some(&Action::Exit(0)));
+    }
+
+    #[test]
+    fn graceful_stop_escalates_to_fast_on_second_request() {
+        let mut h = Harness::serving();
+        h.on(Event::Stop { fast: false });
+        assert!(h.on(Event::Stop { fast: false }).is_empty());
+        assert_eq!(h.on(Event::Stop { fast: true }), [kill_group(100)]);
+    }
+
+    #[test]
+    fn drain_timeout_kills_the_old_generation() {
+        let mut h = Harness::serving();
+        h.reload(None);
+        h.on(Event::Spawned {
+            generation: 2,
+            pid: pid(200),
+        });
+        h.at(ms(500)).on(ready(200));
+        assert_eq!(h.s.next_deadline(), Some(h.t0 + ms(10_500)));
+        assert_eq!(h.at(ms(10_500)).on(Event::Tick), [kill_group(100)]);
+        assert!(
+            h.s.next_deadline().is_none(),
+            "a killed generation is not killed again"
+        );
+        assert_eq!(h.states(), [(2, "ready"), (1, "draining")]);
+    }
+
+    #[test]
+    fn crash_outside_a_deploy_restarts_with_growing_capped_backoff() {
+        let mut h = Harness::serving();
+        let actions = h.at(ms(10)).on(exited(100, 1));
+        assert!(actions.contains(&kill_group(100)));
+        assert!(h.states().is_empty());
+        let mut expected = ms(100);
+        let mut last_pid = 100;
+        for round in 0..6u64 {
+            let wait = h.s.next_deadline().unwrap() - h.now;
+            assert!(
+                wait >= expected / 2 && wait <= expected,
+                "round {round}: {wait:?} vs {expected:?}"
+            );
+            let at = h.now - h.t0 + wait;
+            let actions = h.at(at).on(Event::Tick);
+            let generation = 2 + round;
+            assert_eq!(spawns(&actions), [generation]);
+            last_pid += 100;
+            h.on(Event::Spawned {
+                generation,
+                pid: pid(last_pid),
+            });
+            // It crashes again before becoming ready.
+            h.on(exited(last_pid, 1));
+            expected = (expected * 2).min(ms(1000));
+        }
+        // Once one comes up and stays up, the backoff resets.
+        let at = h.s.next_deadline().unwrap() - h.t0;
+        h.at(at).on(Event::Tick);
+        h.on(Event::Spawned {
+            generation: 8,
+            pid: pid(800),
+        });
+        let actions = h.on(ready(800));
+        assert!(actions.contains(&Action::Upstream(Upstream::Status(
+            "generation 8 serving".into()
+        ))));
+        h.at(at + ms(5000)).on(exited(800, 1));
+        let wait = h.s.next_deadline().unwrap() - h.now;
+        assert!(wait <= ms(100), "{wait:?}");
+    }
+
+    #[test]
+    fn reload_during_restart_backoff_deploys_at_once() {
+        let mut h = Harness::serving();
+        h.on(exited(100, 1));
+        let actions = h.reload(Some(1));
+        assert_eq!(spawns(&actions), [2]);
+        h.on(Event::Spawned {
+            generation: 2,
+            pid: pid(200),
+        });
+        let actions = h.on(ready(200));
+        assert!(done(&actions, 1).unwrap().succeeded());
+        assert!(h.s.next_deadline().is_none());
+    }
+
+    #[test]
+    fn failed_first_generation_is_retried() {
+        let (mut h, _) = Harness::with(BASE);
+        h.on(Event::SpawnFailed {
+            generation: 1,
+            error: "exec failed: ENOENT".into(),
+        });
+        assert!(h.s.next_deadline().is_some());
+        let at = h.s.next_deadline().unwrap() - h.t0;
+        assert_eq!(spawns(&h.at(at).on(Event::Tick)), [2]);
+    }
+
+    #[test]
+    fn notify_from_an_unsupervised_pid_is_ignored() {
+        let mut h = Harness::serving();
+        h.reload(Some(1));
+        h.on(Event::Spawned {
+            generation: 2,
+            pid: pid(200),
+        });
+        assert!(h.on(ready(999)).is_empty());
+        assert_eq!(h.states(), [(1, "ready"), (2, "starting")]);
+        assert!(h.s.owns(pid(200)) && !h.s.owns(pid(999)));
+    }
+
+    #[test]
+    fn delay_readiness_promotes_after_the_delay() {
+        let text = format!("{BASE}\n").replace(
+            "timeout = \"5s\"",
+            "check = \"delay\"\ndelay = \"1s\"\ntimeout = \"5s\"",
+        );
+        let (mut h, _) = Harness::with(&text);
+        h.on(Event::Spawned {
+            generation: 1,
+            pid: pid(100),
+        });
+        assert_eq!(h.s.next_deadline(), Some(h.t0 + ms(1000)));
+        let actions = h.at(ms(1000)).on(Event::Tick);
+        assert!(matches!(
+            actions[0],
+            Action::Upstream(Upstream::Ready { .. })
+        ));
+        assert_eq!(h.states(), [(1, "ready")]);
+    }
+
+    #[test]
+    fn draining_generations_are_capped() {
+        let mut h = Harness::serving();
+        let mut killed = Vec::new();
+        for n in 2..=(MAX_DRAINING as i32 + 3) {
+            h.reload(None);
+            h.on(Event::Spawned {
+                generation: n as u64,
+                pid: pid(n * 100),
+            });
+            for a in h.on(ready(n * 100)) {
+                if let Action::KillGroup { pgid } = a {
+                    killed.push(pgid.as_raw());
+                }
+            }
+        }
+        // 10 old generations drain; the two oldest were killed.
+        assert_eq!(killed, [100, 200]);
+    }
+}

@@ -1,0 +1,213 @@
+//! The sd_notify protocol (man sd_notify): the socket children report
+//! readiness on, and the client baton uses to report to its own service
+//! manager.
+
+use std::io;
+use std::io::IoSliceMut;
+use std::os::fd::AsRawFd;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::path::Path;
+
+use nix::sys::socket::{self, ControlMessageOwned, MsgFlags, UnixCredentials};
+use nix::unistd::Pid;
+use socket2::{Domain, Socket, Type};
+use tokio::io::Interest;
+
+use crate::core::Upstream;
+
+/// The fields of one notify datagram that baton acts on. Unknown keys are
+/// ignored, as systemd does.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub ready: bool,
+    pub stopping: bool,
+    pub status: Option<String>,
+    /// Sent by apps written for systemd; baton ignores it with a warning.
+    pub mainpid: Option<String>,
+}
+
+impl Message {
+    /// Parses newline-separated `KEY=VALUE` assignments.
+    pub fn parse(datagram: &[u8]) -> Message {
+        let text = String::from_utf8_lossy(datagram);
+        let mut m = Message::default();
+        for line in text.split('\n') {
+            match line.split_once('=') {
+                Some(("READY", "1")) => m.ready = true,
+                Some(("STOPPING", "1")) => m.stopping = true,
+                Some(("STATUS", s)) => m.status = Some(s.to_owned()),
+                Some(("MAINPID", p)) => m.mainpid = Some(p.to_owned()),
+                _ => {}
+            }
+        }
+        m
+    }
+}
+
+/// Datagrams are at most this long (systemd uses the same limit).
+const MAX_DATAGRAM: usize = 4096;
+
+/// The socket children send `READY=1` to. Every datagram carries the sender's
+/// pid, attached by the kernel (SO_PASSCRED), so it cannot be forged.
+pub struct NotifySocket {
+    socket: tokio::net::UnixDatagram,
+}
+
+impl NotifySocket {
+    /// Binds a fresh socket at `path` (replacing a stale file), mode 0600.
+    pub fn bind(path: &Path) -> io::Result<NotifySocket> {
+        let socket = Socket::new(Domain::UNIX, Type::DGRAM.nonblocking(), None)?;
+        socket.set_passcred(true)?;
+        // The mode of the socket inode becomes the file's mode at bind.
+        nix::sys::stat::fchmod(&socket, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        socket.bind(&socket2::SockAddr::unix(path)?)?;
+        let socket = UnixDatagram::from(std::os::fd::OwnedFd::from(socket));
+        Ok(NotifySocket {
+            socket: tokio::net::UnixDatagram::from_std(socket)?,
+        })
+    }
+
+    /// The next datagram and the pid that sent it. Datagrams without
+    /// credentials cannot happen with SO_PASSCRED and are skipped.
+    pub async fn recv(&self) -> io::Result<(Pid, Message)> {
+        loop {
+            self.socket.readable().await?;
+            let fd = self.socket.as_raw_fd();
+            match self.socket.try_io(Interest::READABLE, || receive(fd)) {
+                Ok(Some(received)) => return Ok(received),
+                Ok(None) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+fn receive(fd: std::os::fd::RawFd) -> io::Result<Option<(Pid, Message)>> {
+    let mut buf = [0u8; MAX_DATAGRAM];
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let mut cmsg = nix::cmsg_space!(UnixCredentials, [std::os::fd::RawFd; 16]);
+    let msg = socket::recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let len = msg.bytes;
+    let mut sender = None;
+    for c in msg.cmsgs()? {
+        match c {
+            ControlMessageOwned::ScmCredentials(cred) => sender = Some(Pid::from_raw(cred.pid())),
+            // A sender may attach fds (FDSTORE=1); baton keeps none of them.
+            ControlMessageOwned::ScmRights(fds) => {
+                for fd in fds {
+                    let _ = nix::unistd::close(fd);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(sender.map(|pid| (pid, Message::parse(&buf[..len]))))
+}
+
+/// Reports to the service manager that started baton (systemd), when
+/// `NOTIFY_SOCKET` was set for baton itself.
+pub struct UpstreamNotifier {
+    socket: UnixDatagram,
+    addr: SocketAddr,
+}
+
+impl UpstreamNotifier {
+    /// Takes `NOTIFY_SOCKET` from baton's environment (a path, or `@name`
+    /// for an abstract socket). `None` when unset or unusable.
+    pub fn from_env() -> Option<UpstreamNotifier> {
+        let value = std::env::var_os("NOTIFY_SOCKET")?;
+        let value = value.to_string_lossy();
+        let addr = match value.strip_prefix('@') {
+            Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+            None => SocketAddr::from_pathname(&*value),
+        };
+        let made = addr.and_then(|addr| Ok((UnixDatagram::unbound()?, addr)));
+        match made {
+            Ok((socket, addr)) => Some(UpstreamNotifier { socket, addr }),
+            Err(e) => {
+                tracing::warn!("NOTIFY_SOCKET={value} is unusable: {e}");
+                None
+            }
+        }
+    }
+
+    pub fn send(&self, message: &Upstream) {
+        let text = render(message, std::process::id(), monotonic_usec());
+        if let Err(e) = self.socket.send_to_addr(text.as_bytes(), &self.addr) {
+            tracing::warn!("cannot notify the service manager ({text:?}): {e}");
+        }
+    }
+}
+
+/// `CLOCK_MONOTONIC` in µs, as systemd wants it with `RELOADING=1`.
+fn monotonic_usec() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000)
+        .unwrap_or(0)
+}
+
+/// The datagram for `message`. `RELOADING=1` without `MONOTONIC_USEC` is
+/// ignored by systemd ≥ 253, so it always carries one.
+pub fn render(message: &Upstream, mainpid: u32, monotonic_usec: u64) -> String {
+    match message {
+        Upstream::Ready { status } => format!("READY=1\nMAINPID={mainpid}\nSTATUS={status}"),
+        Upstream::Reloading => format!("RELOADING=1\nMONOTONIC_USEC={monotonic_usec}"),
+        Upstream::Reloaded { status } => format!("READY=1\nSTATUS={status}"),
+        Upstream::Status(status) => format!("STATUS={status}"),
+        Upstream::Stopping => "STOPPING=1\nSTATUS=stopping".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sd_notify_assignments() {
+        let m = Message::parse(b"READY=1\nSTATUS=serving 3 clients\nX_CUSTOM=1\nMAINPID=42");
+        assert!(m.ready);
+        assert!(!m.stopping);
+        assert_eq!(m.status.as_deref(), Some("serving 3 clients"));
+        assert_eq!(m.mainpid.as_deref(), Some("42"));
+        assert!(Message::parse(b"STOPPING=1\n").stopping);
+        assert!(!Message::parse(b"READY=0").ready);
+        assert_eq!(Message::parse(b"garbage\xff\n"), Message::default());
+    }
+
+    #[test]
+    fn renders_upstream_messages() {
+        assert_eq!(
+            render(
+                &Upstream::Ready {
+                    status: "up".into()
+                },
+                7,
+                0
+            ),
+            "READY=1\nMAINPID=7\nSTATUS=up"
+        );
+        assert_eq!(
+            render(&Upstream::Reloading, 7, 123),
+            "RELOADING=1\nMONOTONIC_USEC=123"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn authenticates_sender_by_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.notify");
+        let socket = NotifySocket::bind(&path).unwrap();
+        let client = UnixDatagram::unbound().unwrap();
+        client.send_to(b"READY=1\nSTATUS=hi", &path).unwrap();
+        let (pid, message) = socket.recv().await.unwrap();
+        assert_eq!(pid.as_raw() as u32, std::process::id());
+        assert!(message.ready);
+        assert_eq!(message.status.as_deref(), Some("hi"));
+    }
+}
