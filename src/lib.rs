@@ -1,3 +1,5 @@
 pub mod config;
 pub mod core;
 pub mod notify;
+pub mod sockets;
+pub mod spawn;

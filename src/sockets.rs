@@ -1,0 +1,339 @@
+//! The listening sockets baton owns for its whole life: bound here with
+//! socket2, or adopted from systemd's `LISTEN_FDS` by name. Also the unix
+//! socket files of baton's own control socket.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use listenfd::ListenFd;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use crate::config::{Address, Config, Listener};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("cannot listen on {address} (listener `{name}`): {source}{hint}")]
+    Bind {
+        name: String,
+        address: String,
+        source: io::Error,
+        hint: &'static str,
+    },
+    #[error("{0}")]
+    Adopt(String),
+    #[error("{}: {message}", path.display())]
+    Path { path: PathBuf, message: String },
+}
+
+/// The sockets, in config order (fd 3, 4, ... in every child).
+pub struct Listeners {
+    sockets: Vec<(Listener, Socket)>,
+    /// Unix socket files baton created, removed again at exit.
+    created_files: Vec<PathBuf>,
+}
+
+impl Listeners {
+    /// Adopts the sockets systemd passed (socket activation, or its fd store)
+    /// when `LISTEN_FDS` is set for baton, else binds every listener.
+    pub fn open(config: &Config) -> Result<Listeners, SocketError> {
+        // Read before ListenFd, which removes LISTEN_FDS and LISTEN_PID.
+        let names = std::env::var("LISTEN_FDNAMES").ok();
+        let mut inherited = ListenFd::from_env();
+        if inherited.len() > 0 {
+            return adopt(config, &mut inherited, names.as_deref());
+        }
+        let mut listeners = Listeners {
+            sockets: Vec::new(),
+            created_files: Vec::new(),
+        };
+        for l in &config.listeners {
+            let socket = bind(l).map_err(|source| SocketError::Bind {
+                name: l.name.clone(),
+                address: l.address.to_string(),
+                hint: hint(&source),
+                source,
+            })?;
+            if let Address::Unix(path) = &l.address {
+                listeners.created_files.push(path.clone());
+            }
+            tracing::info!("listening on {} ({})", l.address, l.name);
+            listeners.sockets.push((l.clone(), socket));
+        }
+        Ok(listeners)
+    }
+
+    pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.sockets.iter().map(|(_, s)| s.as_fd()).collect()
+    }
+
+    /// `LISTEN_FDNAMES`: the names joined with ':'.
+    pub fn names(&self) -> String {
+        let names: Vec<&str> = self.sockets.iter().map(|(l, _)| l.name.as_str()).collect();
+        names.join(":")
+    }
+
+    pub fn len(&self) -> usize {
+        self.sockets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+
+    pub fn describe(&self) -> Vec<(String, String)> {
+        self.sockets
+            .iter()
+            .map(|(l, _)| (l.name.clone(), l.address.to_string()))
+            .collect()
+    }
+
+    /// A child that called `shutdown()` on its copy of a listener stops it
+    /// for every process (SO_ACCEPTCONN drops to 0). Listen again, loudly.
+    pub fn relisten_if_shut_down(&self) {
+        for (l, s) in &self.sockets {
+            if matches!(l.address, Address::Udp(_)) {
+                continue;
+            }
+            if let Ok(false) = s.is_listener() {
+                tracing::warn!(
+                    "listener `{}` ({}) stopped listening: a child called shutdown() on it \
+                     (it must close() its copy instead); listening again",
+                    l.name,
+                    l.address
+                );
+                if let Err(e) = s.listen(l.backlog) {
+                    tracing::error!("cannot listen again on {}: {e}", l.address);
+                }
+            }
+        }
+    }
+
+    /// Removes the unix socket files baton bound (not adopted ones).
+    pub fn remove_files(&self) {
+        for path in &self.created_files {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn hint(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EADDRINUSE) => {
+            " (another process holds this address: stop it, or pick another address)"
+        }
+        Some(libc::EACCES) => {
+            " (ports below 1024 need root or CAP_NET_BIND_SERVICE; for unix sockets check the directory's permissions)"
+        }
+        Some(libc::EADDRNOTAVAIL) => " (no local interface has this IP address)",
+        Some(libc::ENOENT) => " (the socket's directory does not exist: create it first)",
+        _ => "",
+    }
+}
+
+fn bind(l: &Listener) -> io::Result<Socket> {
+    match &l.address {
+        Address::Tcp(addr) => {
+            let socket = Socket::new(
+                Domain::for_address(*addr),
+                Type::STREAM,
+                Some(Protocol::TCP),
+            )?;
+            if addr.is_ipv6() {
+                // Explicit, whatever net.ipv6.bindv6only says.
+                socket.set_only_v6(true)?;
+            }
+            socket.set_reuse_address(true)?;
+            socket.bind(&(*addr).into())?;
+            socket.listen(l.backlog)?;
+            Ok(socket)
+        }
+        Address::Udp(addr) => {
+            let socket = Socket::new(Domain::for_address(*addr), Type::DGRAM, Some(Protocol::UDP))?;
+            if addr.is_ipv6() {
+                socket.set_only_v6(true)?;
+            }
+            socket.set_reuse_address(true)?;
+            socket.bind(&(*addr).into())?;
+            Ok(socket)
+        }
+        Address::Unix(path) => {
+            let socket = bind_unix(path, l.mode.unwrap_or(0o666))?;
+            socket.listen(l.backlog)?;
+            Ok(socket)
+        }
+    }
+}
+
+/// Binds a unix stream socket at `path` with file mode `mode`. A socket file
+/// nobody listens on (left by a dead process) is replaced; a live one is an
+/// error, as is any other kind of file.
+pub fn bind_unix(path: &Path, mode: u32) -> io::Result<Socket> {
+    remove_stale(path)?;
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    socket.bind(&SockAddr::unix(path)?)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(socket)
+}
+
+fn remove_stale(path: &Path) -> io::Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        other => other?,
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{} exists and is not a socket: remove it or choose another path",
+                path.display()
+            ),
+        ));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{} is in use by a running process", path.display()),
+        )),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+            tracing::info!("removing stale socket file {}", path.display());
+            std::fs::remove_file(path)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Takes each configured listener from the fds systemd passed, by name
+/// (`FileDescriptorName=` in the .socket unit), or by position when systemd
+/// passed no names and the counts match.
+fn adopt(
+    config: &Config,
+    inherited: &mut ListenFd,
+    names: Option<&str>,
+) -> Result<Listeners, SocketError> {
+    let names: Vec<&str> = names.map(|n| n.split(':').collect()).unwrap_or_default();
+    let count = inherited.len();
+    let mut sockets = Vec::new();
+    for (i, l) in config.listeners.iter().enumerate() {
+        let index = match names.iter().position(|n| *n == l.name) {
+            Some(index) => index,
+            None if names.is_empty() && count == config.listeners.len() => i,
+            None => {
+                return Err(SocketError::Adopt(format!(
+                    "systemd passed {count} socket(s) named [{}] but none is named `{}`: set \
+                     FileDescriptorName={} in the .socket unit (or name the listener after it)",
+                    names.join(", "),
+                    l.name,
+                    l.name
+                )))
+            }
+        };
+        let taken = match &l.address {
+            Address::Tcp(_) => inherited
+                .take_tcp_listener(index)
+                .map(|s| s.map(Socket::from)),
+            Address::Udp(_) => inherited
+                .take_udp_socket(index)
+                .map(|s| s.map(Socket::from)),
+            Address::Unix(_) => inherited
+                .take_unix_listener(index)
+                .map(|s| s.map(Socket::from)),
+        };
+        let socket = match taken {
+            Ok(Some(socket)) => socket,
+            Ok(None) => {
+                return Err(SocketError::Adopt(format!(
+                    "socket {index} from systemd was already taken by another listener"
+                )))
+            }
+            Err(e) => {
+                return Err(SocketError::Adopt(format!(
+                    "socket `{}` from systemd (fd {}) does not fit listener address {}: {e}",
+                    l.name,
+                    3 + index,
+                    l.address
+                )))
+            }
+        };
+        let local = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| {
+                a.as_socket()
+                    .map(|a| a.to_string())
+                    .or_else(|| a.as_pathname().map(|p| p.display().to_string()))
+            })
+            .unwrap_or_else(|| "?".to_owned());
+        tracing::info!(
+            "adopted socket `{}` from systemd (fd {}, {local})",
+            l.name,
+            3 + index
+        );
+        sockets.push((l.clone(), socket));
+    }
+    if count > sockets.len() {
+        tracing::warn!(
+            "systemd passed {count} socket(s), the config uses {}: the others are not passed on",
+            sockets.len()
+        );
+    }
+    Ok(Listeners {
+        sockets,
+        created_files: Vec::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_unix_socket_is_replaced_live_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.sock");
+        let first = bind_unix(&path, 0o600).unwrap();
+        first.listen(8).unwrap();
+        let err = bind_unix(&path, 0o600).unwrap_err();
+        assert!(
+            err.to_string().contains("in use by a running process"),
+            "{err}"
+        );
+        drop(first); // the file stays, nobody listens: stale
+        assert!(path.exists());
+        bind_unix(&path, 0o640).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640);
+    }
+
+    #[test]
+    fn regular_file_in_the_way_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.sock");
+        std::fs::write(&path, "x").unwrap();
+        let err = bind_unix(&path, 0o600).unwrap_err();
+        assert!(err.to_string().contains("is not a socket"), "{err}");
+    }
+
+    #[test]
+    fn shut_down_listener_is_detected_and_relistens() {
+        let l = Listener {
+            name: "http".into(),
+            address: Address::Tcp("127.0.0.1:0".parse().unwrap()),
+            backlog: 16,
+            mode: None,
+        };
+        let socket = bind(&l).unwrap();
+        let listeners = Listeners {
+            sockets: vec![(l, socket)],
+            created_files: Vec::new(),
+        };
+        let s = &listeners.sockets[0].1;
+        assert!(s.is_listener().unwrap());
+        s.shutdown(std::net::Shutdown::Read).unwrap();
+        assert!(!s.is_listener().unwrap());
+        listeners.relisten_if_shut_down();
+        assert!(s.is_listener().unwrap());
+    }
+}
