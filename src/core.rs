@@ -191,10 +191,12 @@ impl fmt::Display for Failure {
     }
 }
 
-/// "0.42 s", "30 s": short, for logs and progress lines.
+/// "3.2 ms", "0.42 s", "30 s": short, for logs and progress lines.
 pub fn secs(d: Duration) -> String {
     let s = d.as_secs_f64();
-    if s < 10.0 {
+    if s < 0.1 {
+        format!("{:.1} ms", s * 1000.0)
+    } else if s < 10.0 {
         format!("{s:.2} s")
     } else {
         format!("{s:.0} s")

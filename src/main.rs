@@ -1,1 +1,283 @@
-fn main() {}
+//! The `baton` command line. Typed errors come up from the library; this is
+//! the one place that prints them and maps them to exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use baton::config::{self, Config};
+use baton::control::{Client, Reply, Request};
+use clap::{Parser, Subcommand, ValueEnum};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success (reload --wait: the new generation serves, the old one drains)
+  1  the deploy failed or was refused; the old generation keeps serving
+  2  usage, configuration or connection error";
+
+/// Zero-downtime socket-handoff process supervisor.
+///
+/// baton holds the listening sockets of one application and passes them to
+/// it (systemd socket activation: LISTEN_FDS). A deploy starts the new
+/// version beside the old one and drains the old one only once the new one
+/// is ready, so no connection is ever refused. A broken release never takes
+/// the service down: the old generation keeps serving.
+#[derive(Parser)]
+#[command(name = "baton", version, after_help = EXIT_CODES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the supervisor in the foreground (logs to stderr).
+    ///
+    /// Signals: HUP = reload (re-reads the file), TERM/INT = graceful stop
+    /// (drain every generation, then exit 0), QUIT = fast stop (SIGKILL).
+    Run {
+        #[arg(short, long, default_value = config::DEFAULT_PATH, env = "BATON_CONFIG")]
+        config: PathBuf,
+        /// Log format; log level from BATON_LOG (default: info).
+        #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+        log_format: LogFormat,
+    },
+    /// Ask the running daemon to deploy a new generation.
+    ///
+    /// The daemon re-reads the config file; an invalid file is refused and
+    /// nothing changes. A reload during a deploy is queued as one follow-up
+    /// deploy (--wait then waits for that one).
+    #[command(after_help = EXIT_CODES)]
+    Reload {
+        #[arg(short, long, default_value = config::DEFAULT_PATH, env = "BATON_CONFIG")]
+        config: PathBuf,
+        /// Print progress and exit 0 only when the new generation serves.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this long (e.g. "90s"); the deploy goes on.
+        #[arg(long, value_parser = humantime::parse_duration, requires = "wait")]
+        timeout: Option<Duration>,
+    },
+    /// Show the generations, their state and the last deploy's outcome.
+    Status {
+        #[arg(short, long, default_value = config::DEFAULT_PATH, env = "BATON_CONFIG")]
+        config: PathBuf,
+        /// Print one JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate the config file (like `nginx -t`); needs no running daemon.
+    Check {
+        #[arg(short, long, default_value = config::DEFAULT_PATH, env = "BATON_CONFIG")]
+        config: PathBuf,
+    },
+    /// Graceful stop, like SIGTERM: waits until the daemon has exited.
+    Stop {
+        #[arg(short, long, default_value = config::DEFAULT_PATH, env = "BATON_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+const OK: u8 = 0;
+const FAILED: u8 = 1;
+const USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Run { config, log_format } => run(config, log_format),
+        Command::Reload {
+            config,
+            wait,
+            timeout,
+        } => reload(config, wait, timeout),
+        Command::Status { config, json } => status(config, json),
+        Command::Check { config } => check(config),
+        Command::Stop { config } => stop(config),
+    };
+    ExitCode::from(code)
+}
+
+fn run(path: PathBuf, format: LogFormat) -> u8 {
+    init_logging(format);
+    match baton::daemon::run(&path) {
+        Ok(code) => code.clamp(0, 255) as u8,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            match e {
+                baton::daemon::DaemonError::Config(_) => USAGE,
+                _ => FAILED,
+            }
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    // Under journald the journal adds its own timestamps.
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human if journald => builder.without_time().with_ansi(false).init(),
+        LogFormat::Human => builder.init(),
+    }
+}
+
+fn connect(
+    path: &std::path::Path,
+    request: &Request,
+    timeout: Option<Duration>,
+) -> Result<Client, u8> {
+    let socket = config::control_socket_of(path);
+    Client::send(&socket, request, timeout).map_err(|e| {
+        eprintln!(
+            "baton: cannot reach the daemon at {}: {e}\n(is `baton run -c {}` running?)",
+            socket.display(),
+            path.display()
+        );
+        USAGE
+    })
+}
+
+fn reload(path: PathBuf, wait: bool, timeout: Option<Duration>) -> u8 {
+    let mut client = match connect(&path, &Request::Reload { wait }, timeout) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    loop {
+        let reply = match client.next() {
+            Ok(Some(reply)) => reply,
+            Ok(None) => {
+                eprintln!("baton: the daemon closed the connection before the deploy finished");
+                return USAGE;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                eprintln!("baton: no outcome within the --timeout; the deploy goes on (see `baton status`)");
+                return USAGE;
+            }
+            Err(e) => {
+                eprintln!("baton: {e}");
+                return USAGE;
+            }
+        };
+        match reply {
+            Reply::Accepted => {
+                println!("reload requested (follow it with `baton status`)");
+                return OK;
+            }
+            Reply::Queued => println!("another deploy is running; this reload follows it…"),
+            Reply::Started { generation, pid } => {
+                println!("starting generation {generation} (pid {pid})…")
+            }
+            Reply::Ready {
+                generation,
+                after_ms,
+            } => println!(
+                "generation {generation} ready in {}",
+                baton::core::secs(Duration::from_millis(after_ms))
+            ),
+            Reply::Draining { generation, pid } => {
+                println!("draining generation {generation} (pid {pid})…")
+            }
+            Reply::Done { ok: true, message } => {
+                println!("done: {message}");
+                return OK;
+            }
+            Reply::Done { ok: false, message } => {
+                eprintln!("deploy failed: {message}");
+                return FAILED;
+            }
+            Reply::Error { message } => {
+                eprintln!("baton: {message}");
+                return FAILED;
+            }
+            Reply::Status(_) | Reply::Stopping => {}
+        }
+    }
+}
+
+fn status(path: PathBuf, json: bool) -> u8 {
+    let mut client = match connect(&path, &Request::Status, Some(Duration::from_secs(10))) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match client.next() {
+        Ok(Some(Reply::Status(doc))) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&doc).expect("status serializes")
+                );
+            } else {
+                print!("{}", doc.render());
+            }
+            OK
+        }
+        Ok(other) => {
+            eprintln!("baton: unexpected reply: {other:?}");
+            USAGE
+        }
+        Err(e) => {
+            eprintln!("baton: {e}");
+            USAGE
+        }
+    }
+}
+
+fn check(path: PathBuf) -> u8 {
+    match Config::load(&path) {
+        Ok(c) => {
+            println!(
+                "{}: ok ({} listener(s); command: {}; control socket: {})",
+                path.display(),
+                c.listeners.len(),
+                c.app.command.join(" "),
+                c.control_socket.display()
+            );
+            OK
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            USAGE
+        }
+    }
+}
+
+fn stop(path: PathBuf) -> u8 {
+    let mut client = match connect(&path, &Request::Stop, None) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    println!("stopping: draining every generation…");
+    // The daemon keeps the connection open until it exits.
+    loop {
+        match client.next() {
+            Ok(Some(Reply::Error { message })) => {
+                eprintln!("baton: {message}");
+                return FAILED;
+            }
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => {
+                println!("stopped");
+                return OK;
+            }
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! The control protocol: newline-delimited JSON over baton's unix control
+//! socket. One request per connection; the daemon answers with one or more
+//! reply lines (a reload with `wait` streams progress) and closes.
+//!
+//! ```text
+//! → {"command":"reload","wait":true}
+//! ← {"event":"started","generation":7,"pid":4121}
+//! ← {"event":"ready","generation":7,"after_ms":420}
+//! ← {"event":"draining","generation":6,"pid":3990}
+//! ← {"event":"done","ok":true,"message":"generation 7 is serving (ready after 0.42 s)"}
+//! ```
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::core::{Outcome, Progress, Status};
+
+/// Longest request line the daemon reads.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Request {
+    /// Re-read the config file and deploy a new generation.
+    Reload {
+        #[serde(default)]
+        wait: bool,
+    },
+    Status,
+    /// Graceful stop; the connection stays open until baton exits.
+    Stop,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Reply {
+    /// A reload without `wait` was taken.
+    Accepted,
+    /// Another deploy runs; this reload follows it.
+    Queued,
+    Started {
+        generation: u64,
+        pid: i32,
+    },
+    Ready {
+        generation: u64,
+        after_ms: u64,
+    },
+    Draining {
+        generation: u64,
+        pid: i32,
+    },
+    Done {
+        ok: bool,
+        message: String,
+    },
+    Status(StatusDoc),
+    Stopping,
+    /// The request was refused (bad request, invalid config, ...).
+    Error {
+        message: String,
+    },
+}
+
+impl From<Progress> for Reply {
+    fn from(p: Progress) -> Reply {
+        match p {
+            Progress::Queued => Reply::Queued,
+            Progress::Started { generation, pid } => Reply::Started {
+                generation,
+                pid: pid.as_raw(),
+            },
+            Progress::Ready { generation, after } => Reply::Ready {
+                generation,
+                after_ms: after.as_millis() as u64,
+            },
+            Progress::Draining { generation, pid } => Reply::Draining {
+                generation,
+                pid: pid.as_raw(),
+            },
+            Progress::Done(outcome) => done(&outcome),
+        }
+    }
+}
+
+fn done(outcome: &Outcome) -> Reply {
+    Reply::Done {
+        ok: outcome.succeeded(),
+        message: outcome.to_string(),
+    }
+}
+
+/// What `baton status --json` prints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusDoc {
+    /// baton's own pid.
+    pub pid: u32,
+    pub config: String,
+    pub generations: Vec<GenerationDoc>,
+    pub deploying: bool,
+    pub reload_queued: bool,
+    pub restarting_in_ms: Option<u64>,
+    pub stopping: bool,
+    pub last_deploy: Option<DeployDoc>,
+    pub listeners: Vec<ListenerDoc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationDoc {
+    pub generation: u64,
+    pub pid: Option<i32>,
+    /// "starting", "ready" or "draining".
+    pub state: String,
+    pub age_ms: u64,
+    pub ready_after_ms: Option<u64>,
+    pub command: String,
+    /// The application's own `STATUS=` text.
+    pub status: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeployDoc {
+    pub ok: bool,
+    pub message: String,
+    pub took_ms: u64,
+    pub ago_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListenerDoc {
+    pub name: String,
+    pub address: String,
+}
+
+impl StatusDoc {
+    pub fn new(status: Status, config: &Path, listeners: Vec<(String, String)>) -> StatusDoc {
+        let ms = |d: Duration| d.as_millis() as u64;
+        StatusDoc {
+            pid: std::process::id(),
+            config: config.display().to_string(),
+            generations: status
+                .generations
+                .into_iter()
+                .map(|g| GenerationDoc {
+                    generation: g.generation,
+                    pid: g.pid,
+                    state: g.state.to_owned(),
+                    age_ms: ms(g.age),
+                    ready_after_ms: g.ready_after.map(ms),
+                    command: g.command,
+                    status: g.status,
+                })
+                .collect(),
+            deploying: status.deploying,
+            reload_queued: status.queued,
+            restarting_in_ms: status.restarting_in.map(ms),
+            stopping: status.stopping,
+            last_deploy: status.last_deploy.map(|(last, now)| DeployDoc {
+                ok: last.outcome.succeeded(),
+                message: last.outcome.to_string(),
+                took_ms: ms(last.took),
+                ago_ms: ms(now.saturating_duration_since(last.finished)),
+            }),
+            listeners: listeners
+                .into_iter()
+                .map(|(name, address)| ListenerDoc { name, address })
+                .collect(),
+        }
+    }
+
+    /// The human table of `baton status`.
+    pub fn render(&self) -> String {
+        let mut out = format!("baton pid {} ({})\n", self.pid, self.config);
+        out += &format!(
+            "{:<6} {:<8} {:<9} {:>9} {:>8}  {}\n",
+            "GEN", "PID", "STATE", "AGE", "READY", "COMMAND"
+        );
+        for g in &self.generations {
+            let pid = g.pid.map_or_else(|| "-".to_owned(), |p| p.to_string());
+            let ready = g.ready_after_ms.map_or_else(
+                || "-".to_owned(),
+                |ms| format!("{:.2}s", ms as f64 / 1000.0),
+            );
+            out += &format!(
+                "{:<6} {:<8} {:<9} {:>9} {:>8}  {}\n",
+                g.generation,
+                pid,
+                g.state,
+                age(g.age_ms),
+                ready,
+                g.command
+            );
+        }
+        if self.generations.is_empty() {
+            out += "(no generation running)\n";
+        }
+        if let Some(ms) = self.restarting_in_ms {
+            out += &format!("restarting in {:.1}s\n", ms as f64 / 1000.0);
+        }
+        if self.deploying {
+            out += "deploy in progress";
+            out += if self.reload_queued {
+                " (another queued)\n"
+            } else {
+                "\n"
+            };
+        }
+        match &self.last_deploy {
+            Some(d) => {
+                out += &format!(
+                    "last deploy: {} ({} ago, took {:.2}s)\n",
+                    d.message,
+                    age(d.ago_ms),
+                    d.took_ms as f64 / 1000.0
+                )
+            }
+            None => out += "last deploy: none since start\n",
+        }
+        for l in &self.listeners {
+            out += &format!("listener {}: {}\n", l.name, l.address);
+        }
+        if self.stopping {
+            out += "stopping\n";
+        }
+        out
+    }
+}
+
+fn age(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// A client connection to a running daemon (the CLI side).
+pub struct Client {
+    reader: BufReader<UnixStream>,
+}
+
+impl Client {
+    /// Connects and sends `request`. `timeout` bounds each read.
+    pub fn send(socket: &Path, request: &Request, timeout: Option<Duration>) -> io::Result<Client> {
+        let mut stream = UnixStream::connect(socket)?;
+        stream.set_read_timeout(timeout)?;
+        let mut line = serde_json::to_string(request).map_err(io::Error::other)?;
+        line.push('\n');
+        stream.write_all(line.as_bytes())?;
+        Ok(Client {
+            reader: BufReader::new(stream),
+        })
+    }
+
+    /// The next reply; `None` when the daemon closed the connection.
+    pub fn next(&mut self) -> io::Result<Option<Reply>> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Ok(None);
+        }
+        serde_json::from_str(&line).map(Some).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad reply {line:?}: {e}"),
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format_is_stable() {
+        let r: Request = serde_json::from_str(r#"{"command":"reload","wait":true}"#).unwrap();
+        assert_eq!(r, Request::Reload { wait: true });
+        let r: Request = serde_json::from_str(r#"{"command":"reload"}"#).unwrap();
+        assert_eq!(r, Request::Reload { wait: false });
+        assert!(serde_json::from_str::<Request>(r#"{"command":"explode"}"#).is_err());
+        let line = serde_json::to_string(&Reply::Started {
+            generation: 7,
+            pid: 4121,
+        })
+        .unwrap();
+        assert_eq!(line, r#"{"event":"started","generation":7,"pid":4121}"#);
+    }
+}
