@@ -258,7 +258,7 @@ impl Client {
     }
 
     /// The next reply; `None` when the daemon closed the connection.
-    pub fn next(&mut self) -> io::Result<Option<Reply>> {
+    pub fn receive(&mut self) -> io::Result<Option<Reply>> {
         let mut line = String::new();
         if self.reader.read_line(&mut line)? == 0 {
             return Ok(None);

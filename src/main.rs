@@ -157,7 +157,7 @@ fn reload(path: PathBuf, wait: bool, timeout: Option<Duration>) -> u8 {
         Err(code) => return code,
     };
     loop {
-        let reply = match client.next() {
+        let reply = match client.receive() {
             Ok(Some(reply)) => reply,
             Ok(None) => {
                 eprintln!("baton: the daemon closed the connection before the deploy finished");
@@ -218,7 +218,7 @@ fn status(path: PathBuf, json: bool) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match client.next() {
+    match client.receive() {
         Ok(Some(Reply::Status(doc))) => {
             if json {
                 println!(
@@ -268,7 +268,7 @@ fn stop(path: PathBuf) -> u8 {
     println!("stopping: draining every generation…");
     // The daemon keeps the connection open until it exits.
     loop {
-        match client.next() {
+        match client.receive() {
             Ok(Some(Reply::Error { message })) => {
                 eprintln!("baton: {message}");
                 return FAILED;

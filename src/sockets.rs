@@ -83,10 +83,20 @@ impl Listeners {
         self.sockets.is_empty()
     }
 
+    /// Name and address of each listener; for IP sockets the address the
+    /// kernel bound, so a configured port 0 shows the port it got.
     pub fn describe(&self) -> Vec<(String, String)> {
         self.sockets
             .iter()
-            .map(|(l, _)| (l.name.clone(), l.address.to_string()))
+            .map(|(l, s)| {
+                let bound = s.local_addr().ok().and_then(|a| a.as_socket());
+                let address = match (&l.address, bound) {
+                    (Address::Tcp(_), Some(a)) => Address::Tcp(a).to_string(),
+                    (Address::Udp(_), Some(a)) => Address::Udp(a).to_string(),
+                    (other, _) => other.to_string(),
+                };
+                (l.name.clone(), address)
+            })
             .collect()
     }
 

@@ -1,0 +1,183 @@
+//! Deploys under load against the real binary: zero failed requests, with
+//! good and with broken releases (issue 2).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{alive, eventually, get_generation, Baton, Load, Setup};
+
+const CLIENTS: usize = 32;
+const LOAD_MAX: Duration = Duration::from_secs(120);
+
+#[test]
+fn twenty_deploys_under_load_fail_no_request() {
+    let baton = Baton::start(Setup::default());
+    let load = Load::start(baton.port, CLIENTS, LOAD_MAX);
+    // Let the load reach generation 1 before the first deploy.
+    assert!(eventually(Duration::from_secs(5), || baton
+        .log_contains("generation 1")));
+    let mut ready = vec![1u64];
+    for round in 0..20 {
+        let (code, stdout, stderr) = baton.reload_wait();
+        assert_eq!(code, 0, "deploy {round}: {stdout}{stderr}");
+        assert!(stdout.contains("done: generation"), "{stdout}");
+        ready.push(round + 2);
+    }
+    let tally = load.stop();
+    eprintln!("{tally:?}");
+    assert_eq!(tally.failed(), 0, "failed requests: {:?}", tally.errors);
+    assert!(
+        tally.ok > 100,
+        "too little load to mean anything: {}",
+        tally.ok
+    );
+    for generation in tally.by_generation.keys() {
+        assert!(
+            ready.contains(generation),
+            "answered by unready generation {generation}"
+        );
+    }
+    assert!(
+        tally.by_generation.len() > 2,
+        "responses came from several generations: {:?}",
+        tally.by_generation
+    );
+    assert_eq!(baton.generations()[0], (21, "ready".to_owned()));
+}
+
+/// Each kind of broken release: the deploy fails with the reason, `reload
+/// --wait` exits 1, the old generation keeps serving every request.
+#[test]
+fn broken_releases_never_fail_a_request() {
+    let baton = Baton::start(Setup::default());
+    let load = Load::start(baton.port, CLIENTS, LOAD_MAX);
+    let cases = [
+        (
+            Setup::default().env("HELLO_FAIL", "crash"),
+            "exited with code 3 before it was ready",
+        ),
+        (
+            Setup {
+                readiness: "timeout = \"1s\"".into(),
+                ..Setup::default()
+            }
+            .env("HELLO_FAIL", "never-ready"),
+            "not ready within 1.00 s",
+        ),
+        (
+            Setup {
+                command: vec!["/nonexistent/server".into()],
+                ..Setup::default()
+            },
+            "exec failed: ENOENT",
+        ),
+        (
+            Setup {
+                command: vec!["no-such-server-on-path".into()],
+                ..Setup::default()
+            },
+            "not found on PATH",
+        ),
+    ];
+    for (setup, reason) in cases {
+        baton.rewrite(&setup);
+        let (code, stdout, stderr) = baton.reload_wait();
+        assert_eq!(code, 1, "{stdout}{stderr}");
+        assert!(stderr.contains(reason), "expected {reason:?} in {stderr}");
+        let status = baton.status();
+        let current = &status["generations"][0];
+        assert_eq!(
+            (current["generation"].as_u64(), current["state"].as_str()),
+            (Some(1), Some("ready"))
+        );
+        assert_eq!(status["last_deploy"]["ok"], false);
+        assert!(status["last_deploy"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(reason));
+    }
+    let tally = load.stop();
+    eprintln!("{tally:?}");
+    assert_eq!(tally.failed(), 0, "failed requests: {:?}", tally.errors);
+    assert_eq!(
+        tally.by_generation.keys().copied().collect::<Vec<_>>(),
+        [1],
+        "only generation 1 ever answered"
+    );
+
+    // And a good release after all that still deploys.
+    baton.rewrite(&Setup::default());
+    let (code, stdout, stderr) = baton.reload_wait();
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_eq!(get_generation(baton.port), 6);
+}
+
+/// A candidate stuck in its init after its readiness deadline is stopped
+/// like a draining generation: drain signal, then SIGKILL.
+#[test]
+fn candidate_missing_its_deadline_is_stopped() {
+    let mut baton = Baton::start(Setup::default());
+    let setup = Setup {
+        readiness: "timeout = \"300ms\"".into(),
+        drain_timeout: "300ms".into(),
+        ..Setup::default()
+    };
+    baton.rewrite(&setup.env("HELLO_FAIL", "never-ready"));
+    let (code, _, stderr) = baton.reload_wait();
+    assert_eq!(code, 1, "{stderr}");
+    // The stuck app exits on SIGTERM (no SIGKILL needed).
+    let line = baton.wait_log(") exited with code 0", Duration::from_secs(10));
+    assert!(line.contains("generation 2 (pid"), "{line}");
+    assert_eq!(baton.generations(), [(1, "ready".to_owned())]);
+}
+
+#[test]
+fn child_ignoring_the_drain_signal_is_killed_at_the_deadline() {
+    let setup = Setup {
+        drain_timeout: "500ms".into(),
+        ..Setup::default()
+    };
+    let mut baton = Baton::start(setup.clone().env("HELLO_FAIL", "ignore-term"));
+    let old = baton.current_pid();
+    baton.rewrite(&setup);
+    let (code, stdout, stderr) = baton.reload_wait();
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(alive(old), "still draining right after the deploy");
+    let line = baton.wait_log(
+        "still running after its drain timeout",
+        Duration::from_secs(10),
+    );
+    assert!(line.contains(&format!("pid {old}")), "{line}");
+    baton.wait_log("killed by signal SIGKILL", Duration::from_secs(10));
+    assert!(!alive(old));
+    assert_eq!(baton.generations(), [(2, "ready".to_owned())]);
+}
+
+/// In-flight requests on the old generation complete during its drain.
+#[test]
+fn in_flight_request_survives_the_deploy() {
+    let baton = Baton::start(Setup::default());
+    let port = baton.port;
+    let old = baton.current_pid();
+    let sockets_before = common::socket_count(old);
+    let slow = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(b"GET /slow?ms=1500 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut response = String::new();
+        s.read_to_string(&mut response).unwrap();
+        response
+    });
+    // Deploy only once generation 1 has accepted the slow request.
+    assert!(eventually(Duration::from_secs(5), || common::socket_count(
+        old
+    ) > sockets_before));
+    let (code, stdout, stderr) = baton.reload_wait();
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let response = slow.join().unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("generation=1"), "{response}");
+    assert!(response.contains("Connection: close"), "{response}");
+}
