@@ -251,8 +251,19 @@ unsafe fn exec_child(plan: &Plan) -> ! {
         }
         // Signal dispositions: ignored ones survive exec (Rust ignores
         // SIGPIPE), and the mask is inherited; reset both, as tini does.
-        for signal in 1..=libc::SIGRTMAX() {
-            libc::signal(signal, libc::SIG_DFL);
+        // The raw syscall, because glibc's sigaction refuses its internal
+        // signals 32 and 33, which a parent may have left ignored. An
+        // all-zero kernel `struct sigaction` is SIG_DFL, no flags, empty
+        // mask on every architecture.
+        let default_action = [0u64; 4];
+        for signal in 1..=64 {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                signal,
+                default_action.as_ptr(),
+                std::ptr::null_mut::<u64>(),
+                8usize,
+            );
         }
         libc::sigprocmask(libc::SIG_SETMASK, plan.empty_mask, std::ptr::null_mut());
         if let Some(dir) = plan.workdir {

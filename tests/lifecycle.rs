@@ -1,0 +1,297 @@
+//! Start, stop, restart, config errors and the child contract, against the
+//! real binary (issue 2).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{alive, eventually, get_generation, Baton, Setup, BATON};
+use nix::sys::signal::Signal;
+
+const EXIT: Duration = Duration::from_secs(20);
+
+#[test]
+fn sigterm_drains_every_generation_and_exits_zero() {
+    let mut baton = Baton::start(Setup::default());
+    let child = baton.current_pid();
+    baton.signal(Signal::SIGTERM);
+    assert_eq!(baton.wait_exit(EXIT), Some(0));
+    assert!(
+        baton.log_contains("draining after SIGTERM"),
+        "the app was drained, not killed"
+    );
+    assert!(!alive(child));
+    assert!(
+        !baton.dir.path().join("baton.sock").exists(),
+        "control socket removed"
+    );
+}
+
+#[test]
+fn sigquit_kills_children_and_exits() {
+    let mut baton = Baton::start(Setup::default().env("HELLO_FAIL", "ignore-term"));
+    let child = baton.current_pid();
+    baton.signal(Signal::SIGQUIT);
+    assert_eq!(baton.wait_exit(EXIT), Some(0));
+    assert!(!alive(child));
+}
+
+#[test]
+fn stop_command_waits_until_baton_has_exited() {
+    let mut baton = Baton::start(Setup::default());
+    let child = baton.current_pid();
+    let out = baton.cli(&["stop"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("stopped"));
+    assert_eq!(baton.wait_exit(EXIT), Some(0));
+    assert!(!alive(child));
+}
+
+#[test]
+fn sighup_deploys_a_new_generation() {
+    let mut baton = Baton::start(Setup::default());
+    baton.signal(Signal::SIGHUP);
+    baton.wait_log("generation 2 is ready", Duration::from_secs(20));
+    assert_eq!(get_generation(baton.port), 2);
+}
+
+#[test]
+fn crashed_generation_is_restarted_and_clients_wait_in_the_backlog() {
+    let mut baton = Baton::start(Setup::default());
+    let child = baton.current_pid();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child), Signal::SIGKILL).unwrap();
+    baton.wait_log(
+        "killed by signal SIGKILL while serving",
+        Duration::from_secs(10),
+    );
+    // The listening socket never closed: this connection queues until the
+    // restarted generation accepts it.
+    assert_eq!(get_generation(baton.port), 2);
+    baton.wait_log("generation 2 is ready", Duration::from_secs(10));
+}
+
+#[test]
+fn concurrent_reloads_coalesce_into_one_follow_up() {
+    let baton = Baton::start(Setup::default().env("HELLO_BOOT_DELAY_MS", "700"));
+    let config = baton.config.clone();
+    let (code, stdout, stderr) = baton.reload_wait();
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    // Generation 2 is now serving. Start two reloads at once: the second
+    // arrives while generation 3 boots and is queued behind it.
+    let a = std::process::Command::new(BATON)
+        .args(["reload", "--wait", "-c"])
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(eventually(Duration::from_secs(10), || baton.status()
+        ["deploying"]
+        == true));
+    let b = baton.cli(&["reload", "--wait"]);
+    let a = a.wait_with_output().unwrap();
+    let a_out = String::from_utf8_lossy(&a.stdout);
+    assert!(a.status.success(), "{a_out}");
+    assert!(a_out.contains("done: generation 3"), "{a_out}");
+    let b_out = String::from_utf8_lossy(&b.stdout);
+    assert!(b.status.success(), "{b_out}");
+    assert!(b_out.contains("this reload follows it"), "{b_out}");
+    assert!(b_out.contains("done: generation 4"), "{b_out}");
+    assert_eq!(get_generation(baton.port), 4);
+}
+
+#[test]
+fn config_errors_name_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[app]\ncommand = [\"/bin/true\"]\n[drain]\nsignal = \"SIGNOPE\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(BATON)
+        .args(["check", "-c"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bad.toml:4:10: unknown signal `SIGNOPE`"),
+        "{stderr}"
+    );
+
+    let out = std::process::Command::new(BATON)
+        .args(["run", "-c"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.toml:4:10"));
+
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[app]\ncommand = [\"/bin/true\"]\n").unwrap();
+    let out = std::process::Command::new(BATON)
+        .args(["check", "-c"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn invalid_config_on_reload_is_refused_and_nothing_changes() {
+    let baton = Baton::start(Setup::default());
+    let good = std::fs::read_to_string(&baton.config).unwrap();
+    std::fs::write(
+        &baton.config,
+        good.replace("[drain]", "[drain]\nsignal = 42"),
+    )
+    .unwrap();
+    let (code, stdout, stderr) = baton.reload_wait();
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("reload refused, nothing changed"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("app.toml:"), "position in {stderr}");
+    // Changing the listeners is refused too.
+    std::fs::write(&baton.config, good.replace("127.0.0.1:0", "127.0.0.2:0")).unwrap();
+    let (code, _, stderr) = baton.reload_wait();
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("changes the [[listen]] sockets"),
+        "{stderr}"
+    );
+    assert_eq!(baton.generations(), [(1, "ready".to_owned())]);
+    assert_eq!(get_generation(baton.port), 1);
+}
+
+#[test]
+fn no_fd_or_zombie_leaks_across_fifty_deploys() {
+    let baton = Baton::start(Setup::default());
+    let fds = |pid: i32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let (code, _, _) = baton.reload_wait();
+    assert_eq!(code, 0);
+    // The drained generation has exited and been reaped.
+    let children =
+        || std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", baton.pid())).unwrap();
+    assert!(eventually(Duration::from_secs(10), || children()
+        .split_whitespace()
+        .count()
+        == 1));
+    let after_one = fds(baton.pid());
+    for _ in 0..50 {
+        let (code, stdout, stderr) = baton.reload_wait();
+        assert_eq!(code, 0, "{stdout}{stderr}");
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || children()
+            .split_whitespace()
+            .count()
+            == 1),
+        "{}",
+        children()
+    );
+    assert_eq!(children().trim(), baton.current_pid().to_string());
+    assert_eq!(fds(baton.pid()), after_one);
+}
+
+/// The exact child contract, read from /proc of the running app (`sleep`,
+/// which opens nothing itself): fds 3.. are the listeners and nothing else
+/// of baton's is open; LISTEN_PID is the app's own pid; names and counts
+/// are as configured; own process group; signal mask and ignores reset.
+#[test]
+fn child_sees_exactly_the_socket_activation_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let unix = dir.path().join("admin.sock");
+    let setup = Setup {
+        command: vec!["sleep".into(), "60".into()],
+        readiness: "check = \"delay\"\ndelay = \"200ms\"\ntimeout = \"10s\"".into(),
+        extra_listen: format!(
+            "[[listen]]\nname = \"admin\"\naddress = \"unix:{}\"\n",
+            unix.display()
+        ),
+        ..Setup::default()
+    };
+    let baton = Baton::start(setup);
+    let pid = baton.current_pid();
+    let mut fds: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
+        .collect();
+    fds.sort();
+    assert_eq!(fds, [0, 1, 2, 3, 4], "only stdio and the two listeners");
+    let target = |fd: u32| std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
+    assert_eq!(target(0), std::path::Path::new("/dev/null"));
+    assert!(target(3).to_string_lossy().starts_with("socket:"));
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let env: Vec<String> = environ
+        .split(|&b| b == 0)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    let has = |var: &str| env.iter().any(|v| v == var);
+    assert!(has(&format!("LISTEN_PID={pid}")), "{env:?}");
+    assert!(has("LISTEN_FDS=2") && has("LISTEN_FDNAMES=http:admin") && has("BATON_GENERATION=1"));
+    assert!(env.iter().any(|v| v.starts_with("NOTIFY_SOCKET=/")));
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let pgid = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(2)
+        .unwrap();
+    assert_eq!(pgid, pid.to_string(), "own process group");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status.contains("SigBlk:\t0000000000000000"),
+        "mask reset: {status}"
+    );
+    assert!(
+        status.contains("SigIgn:\t0000000000000000"),
+        "no ignored signals: {status}"
+    );
+}
+
+/// The example app refuses to serve when LISTEN_PID is not its own pid,
+/// like gunicorn and lighttpd; under baton it serves, on both listeners.
+#[test]
+fn strict_socket_activation_app_serves_on_every_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let unix = dir.path().join("hello.sock");
+    let setup = Setup {
+        extra_listen: format!(
+            "[[listen]]\nname = \"local\"\naddress = \"unix:{}\"\nmode = \"0600\"\n",
+            unix.display()
+        ),
+        ..Setup::default()
+    }
+    .env("HELLO_EXPECT_FDNAMES", "http:local");
+    let baton = Baton::start(setup);
+    assert_eq!(get_generation(baton.port), 1);
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(&unix).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    assert!(response.contains("generation=1"), "{response}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&unix).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}
