@@ -231,11 +231,11 @@ fn check_activation_env() {
         }
     }
     if let Ok(expected) = env::var("HELLO_EXPECT_FDNAMES") {
-        let names = env::var("LISTEN_FDNAMES").ok();
-        if names.as_deref() != Some(expected.as_str()) {
+        let names = env::var("LISTEN_FDNAMES").unwrap_or_else(|_| "(unset)".into());
+        if names != expected {
             die(
                 EXIT_NOT_FOR_US,
-                format_args!("LISTEN_FDNAMES={names:?}, but HELLO_EXPECT_FDNAMES={expected:?}"),
+                format_args!("LISTEN_FDNAMES={names} is not HELLO_EXPECT_FDNAMES={expected}"),
             );
         }
     }
