@@ -257,6 +257,11 @@ impl Client {
         })
     }
 
+    /// Bounds the wait for the next reply (`None`: wait as long as it takes).
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.reader.get_ref().set_read_timeout(timeout)
+    }
+
     /// The next reply; `None` when the daemon closed the connection.
     pub fn receive(&mut self) -> io::Result<Option<Reply>> {
         let mut line = String::new();

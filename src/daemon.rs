@@ -66,14 +66,24 @@ pub fn run(config_path: &Path) -> Result<i32, DaemonError> {
     let base_env: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| !SYSTEMD_VARS.iter().any(|v| k == v))
         .collect();
-    let listeners = Listeners::open(&config)?;
+    let control_path = config.control_socket.clone();
+    let control = bind_control(&control_path)?;
+    let listeners = match Listeners::open(&config) {
+        Ok(listeners) => listeners,
+        Err(e) => {
+            let _ = std::fs::remove_file(&control_path);
+            return Err(e.into());
+        }
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
     let result = runtime.block_on(async {
-        let control_path = config.control_socket.clone();
-        let control = bind_control(&control_path)?;
+        let control = UnixListener::from_std(control).map_err(|source| DaemonError::Control {
+            path: control_path.clone(),
+            source,
+        })?;
         let notify_path = notify_socket_for(&control_path);
         let notify = NotifySocket::bind(&notify_path).map_err(|source| DaemonError::Notify {
             path: notify_path.clone(),
@@ -100,7 +110,9 @@ pub fn run(config_path: &Path) -> Result<i32, DaemonError> {
     result
 }
 
-fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
+/// Binds the control socket (0600; its directory is created). First of all
+/// sockets, so a second baton on the same config says so plainly.
+fn bind_control(path: &Path) -> Result<std::os::unix::net::UnixListener, DaemonError> {
     let err = |source| DaemonError::Control {
         path: path.to_owned(),
         source,
@@ -120,10 +132,9 @@ fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
     })?;
     socket.listen(64).map_err(err)?;
     socket.set_nonblocking(true).map_err(err)?;
-    UnixListener::from_std(std::os::unix::net::UnixListener::from(
+    Ok(std::os::unix::net::UnixListener::from(
         std::os::fd::OwnedFd::from(socket),
     ))
-    .map_err(err)
 }
 
 /// A control request on its way to the loop, with its reply channel.
@@ -178,7 +189,7 @@ impl Shell {
                 _ = sigchld.recv() => self.reap(),
                 _ = sighup.recv() => {
                     tracing::info!("SIGHUP: reloading");
-                    self.reload(None);
+                    self.reload(None, false);
                 }
                 _ = sigterm.recv() => self.event(Event::Stop { fast: false }),
                 _ = sigint.recv() => self.event(Event::Stop { fast: false }),
@@ -227,8 +238,10 @@ impl Shell {
         }
     }
 
-    /// Re-reads the config file and asks the core to deploy it.
-    fn reload(&mut self, reply: Option<mpsc::UnboundedSender<Reply>>) {
+    /// Re-reads the config file and asks the core to deploy it. A waiting
+    /// client hears every step; one that does not wait hears `Accepted`
+    /// once the file was found valid.
+    fn reload(&mut self, reply: Option<mpsc::UnboundedSender<Reply>>, wait: bool) {
         let config = match Config::load(&self.config.path) {
             Ok(config) => config,
             Err(e) => {
@@ -249,6 +262,13 @@ impl Shell {
         }
         let config = Arc::new(config);
         self.config = config.clone();
+        let reply = match reply {
+            Some(reply) if !wait => {
+                let _ = reply.send(Reply::Accepted);
+                None
+            }
+            other => other,
+        };
         let waiter = reply.map(|reply| {
             let id = self.next_waiter;
             self.next_waiter += 1;
@@ -267,11 +287,7 @@ impl Shell {
 
     fn control(&mut self, ControlCommand { request, reply }: ControlCommand) {
         match request {
-            Request::Reload { wait: true } => self.reload(Some(reply)),
-            Request::Reload { wait: false } => {
-                let _ = reply.send(Reply::Accepted);
-                self.reload(None);
-            }
+            Request::Reload { wait } => self.reload(Some(reply), wait),
             Request::Status => {
                 let status = self.supervisor().status(Instant::now());
                 let doc = StatusDoc::new(status, &self.config.path, self.listeners.describe());

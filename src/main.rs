@@ -156,7 +156,13 @@ fn reload(path: PathBuf, wait: bool, timeout: Option<Duration>) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
     loop {
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            // A zero timeout means "block forever" to the socket.
+            let _ = client.set_timeout(Some(left.max(Duration::from_millis(1))));
+        }
         let reply = match client.receive() {
             Ok(Some(reply)) => reply,
             Ok(None) => {

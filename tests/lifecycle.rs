@@ -163,6 +163,8 @@ fn invalid_config_on_reload_is_refused_and_nothing_changes() {
         "{stderr}"
     );
     assert!(stderr.contains("app.toml:"), "position in {stderr}");
+    let out = baton.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "refused without --wait too");
     // Changing the listeners is refused too.
     std::fs::write(&baton.config, good.replace("127.0.0.1:0", "127.0.0.2:0")).unwrap();
     let (code, _, stderr) = baton.reload_wait();
@@ -294,4 +296,22 @@ fn strict_socket_activation_app_serves_on_every_listener() {
         std::fs::metadata(&unix).unwrap().permissions().mode() & 0o777,
         0o600
     );
+}
+
+#[test]
+fn second_baton_on_the_same_config_is_refused() {
+    let baton = Baton::start(Setup::default());
+    let out = std::process::Command::new(BATON)
+        .args(["run", "-c"])
+        .arg(&baton.config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is another baton running with this config?"),
+        "{stderr}"
+    );
+    assert_eq!(get_generation(baton.port), 1);
+    assert_eq!(baton.generations(), [(1, "ready".to_owned())]);
 }
