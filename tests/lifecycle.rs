@@ -315,3 +315,36 @@ fn second_baton_on_the_same_config_is_refused() {
     assert_eq!(get_generation(baton.port), 1);
     assert_eq!(baton.generations(), [(1, "ready".to_owned())]);
 }
+
+/// READY=1 from a process baton did not start is ignored and logged: a
+/// stray sender cannot promote a candidate.
+#[test]
+fn notify_from_a_foreign_pid_is_ignored() {
+    let mut baton = Baton::start(Setup::default());
+    let stuck = Setup {
+        readiness: "timeout = \"2s\"".into(),
+        drain_timeout: "1s".into(),
+        ..Setup::default()
+    };
+    baton.rewrite(&stuck.env("HELLO_FAIL", "never-ready"));
+    let reload = std::process::Command::new(BATON)
+        .args(["reload", "--wait", "-c"])
+        .arg(&baton.config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    baton.wait_log("generation 2 started as pid", Duration::from_secs(10));
+    let notify = baton.dir.path().join("baton.notify");
+    let sender = std::os::unix::net::UnixDatagram::unbound().unwrap();
+    sender.send_to(b"READY=1", &notify).unwrap();
+    let me = std::process::id();
+    baton.wait_log(
+        &format!("ignoring READY=1 from pid {me}"),
+        Duration::from_secs(10),
+    );
+    let out = reload.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not ready within 2.00 s"));
+    assert_eq!(baton.generations()[0], (1, "ready".to_owned()));
+}
