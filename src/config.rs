@@ -31,6 +31,14 @@ pub struct Config {
     pub restart: Restart,
     /// Path of the control socket (`baton reload`, `status`, `stop`).
     pub control_socket: PathBuf,
+    /// Members of this group may use the control socket too (mode 0660).
+    pub control_group: Option<Group>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub name: String,
+    pub gid: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -269,6 +277,7 @@ struct RawRestart {
 #[serde(deny_unknown_fields)]
 struct RawControl {
     socket: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
 }
 
 /// A validation failure at a span of the file.
@@ -305,8 +314,13 @@ impl RawConfig {
             Some(s) => absolute_path(&s, "control socket")?,
             None => default_control_socket(path),
         };
+        let control_group = match &self.control.group {
+            None => None,
+            Some(raw) => Some(lookup_group(raw)?),
+        };
         Ok(Config {
             path: path.to_owned(),
+            control_group,
             listeners,
             app: self.app.validate()?,
             readiness: self.readiness.validate()?,
@@ -390,6 +404,23 @@ fn parse_address(raw: &Spanned<String>) -> Result<Address, Invalid> {
         return ip(rest).map(Address::Udp);
     }
     ip(text.strip_prefix("tcp:").unwrap_or(text)).map(Address::Tcp)
+}
+
+fn lookup_group(raw: &Spanned<String>) -> Result<Group, Invalid> {
+    let name = raw.get_ref();
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(Group {
+            name: name.clone(),
+            gid: g.gid.as_raw(),
+        }),
+        Ok(None) => invalid(
+            raw.span(),
+            format!(
+                "group `{name}` does not exist: create it (groupadd {name}) or remove the setting"
+            ),
+        ),
+        Err(e) => invalid(raw.span(), format!("cannot look up group `{name}`: {e}")),
+    }
 }
 
 fn absolute_path(raw: &Spanned<String>, what: &str) -> Result<PathBuf, Invalid> {
@@ -582,6 +613,7 @@ backoff_initial = "1s"
 backoff_max = "1m"
 [control]
 socket = "/tmp/x.sock"
+group = "root"
 "#,
         )
         .unwrap();
@@ -604,6 +636,13 @@ socket = "/tmp/x.sock"
         assert_eq!(c.drain.timeout, Duration::from_secs(120));
         assert_eq!(c.app.env["RUST_LOG"], "info");
         assert_eq!(c.control_socket, Path::new("/tmp/x.sock"));
+        assert_eq!(
+            c.control_group,
+            Some(Group {
+                name: "root".into(),
+                gid: 0
+            })
+        );
     }
 
     #[test]
@@ -656,6 +695,11 @@ socket = "/tmp/x.sock"
             ("[app]\ncommand = [\"x\"]\n[readiness]\ncheck = \"http\"\n", "4:9", "unknown readiness check"),
             ("[app]\ncommand = [\"x\"]\n[drain]\nsignal = \"KILL\"\n", "4:10", "not SIGKILL"),
             ("[app]\ncommand = [\"x\"]\nworkdir = \"rel\"\n", "3:11", "workdir path `rel` must be absolute"),
+            (
+                "[app]\ncommand = [\"x\"]\n[control]\ngroup = \"no-such-group-baton\"\n",
+                "4:9",
+                "group `no-such-group-baton` does not exist",
+            ),
         ];
         for (text, position, message) in cases {
             let e = error(text);

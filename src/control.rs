@@ -3,12 +3,16 @@
 //! reply lines (a reload with `wait` streams progress) and closes.
 //!
 //! ```text
-//! → {"command":"reload","wait":true}
-//! ← {"event":"started","generation":7,"pid":4121}
-//! ← {"event":"ready","generation":7,"after_ms":420}
-//! ← {"event":"draining","generation":6,"pid":3990}
-//! ← {"event":"done","ok":true,"message":"generation 7 is serving (ready after 0.42 s)"}
+//! → {"v":1,"command":"reload","wait":true}
+//! ← {"v":1,"event":"started","generation":7,"pid":4121}
+//! ← {"v":1,"event":"ready","generation":7,"after_ms":420}
+//! ← {"v":1,"event":"draining","generation":6,"pid":3990}
+//! ← {"v":1,"event":"done","ok":true,"message":"generation 7 is serving (ready after 0.42 s)"}
 //! ```
+//!
+//! `v` is the protocol version ([`VERSION`]); a request without one is taken
+//! as version 1. Fields may be added within a version; removing or changing
+//! one makes a new version.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -21,6 +25,47 @@ use crate::core::{Outcome, Progress, Status};
 
 /// Longest request line the daemon reads.
 pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// The protocol version this build speaks.
+pub const VERSION: u32 = 1;
+
+/// A message on the wire: the version beside the request or reply fields.
+#[derive(Serialize, Deserialize)]
+struct Envelope<T> {
+    #[serde(default = "version_one")]
+    v: u32,
+    #[serde(flatten)]
+    body: T,
+}
+
+fn version_one() -> u32 {
+    1
+}
+
+/// Parses one request line; the error says what a valid request looks like.
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    let envelope: Envelope<Request> = serde_json::from_str(line).map_err(|e| {
+        format!(
+            "bad request ({e}); expected one JSON object per line, e.g. \
+             {{\"v\":1,\"command\":\"status\"}} (commands: reload, status, stop)"
+        )
+    })?;
+    if envelope.v != VERSION {
+        return Err(format!(
+            "protocol version {} is not supported: this baton speaks version {VERSION}",
+            envelope.v
+        ));
+    }
+    Ok(envelope.body)
+}
+
+/// One line on the wire, newline included.
+pub fn encode<T: Serialize>(body: T) -> String {
+    let mut line =
+        serde_json::to_string(&Envelope { v: VERSION, body }).expect("protocol types serialize");
+    line.push('\n');
+    line
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
@@ -249,9 +294,12 @@ impl Client {
     pub fn send(socket: &Path, request: &Request, timeout: Option<Duration>) -> io::Result<Client> {
         let mut stream = UnixStream::connect(socket)?;
         stream.set_read_timeout(timeout)?;
-        let mut line = serde_json::to_string(request).map_err(io::Error::other)?;
-        line.push('\n');
-        stream.write_all(line.as_bytes())?;
+        match stream.write_all(encode(request).as_bytes()) {
+            // The daemon refused the connection before reading the request;
+            // its reply (why) is still there to read.
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+            other => other?,
+        }
         Ok(Client {
             reader: BufReader::new(stream),
         })

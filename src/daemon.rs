@@ -19,7 +19,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::config::{notify_socket_for, Config, ConfigError};
-use crate::control::{Reply, Request, StatusDoc, MAX_REQUEST};
+use crate::control::{encode, parse_request, Reply, Request, StatusDoc, MAX_REQUEST};
 use crate::core::{Action, Event, ExitStatus, Supervisor, WaiterId};
 use crate::notify::{NotifySocket, UpstreamNotifier};
 use crate::sockets::{bind_unix, Listeners, SocketError};
@@ -67,7 +67,7 @@ pub fn run(config_path: &Path) -> Result<i32, DaemonError> {
         .filter(|(k, _)| !SYSTEMD_VARS.iter().any(|v| k == v))
         .collect();
     let control_path = config.control_socket.clone();
-    let control = bind_control(&control_path)?;
+    let control = bind_control(&config)?;
     let listeners = match Listeners::open(&config) {
         Ok(listeners) => listeners,
         Err(e) => {
@@ -110,9 +110,11 @@ pub fn run(config_path: &Path) -> Result<i32, DaemonError> {
     result
 }
 
-/// Binds the control socket (0600; its directory is created). First of all
-/// sockets, so a second baton on the same config says so plainly.
-fn bind_control(path: &Path) -> Result<std::os::unix::net::UnixListener, DaemonError> {
+/// Binds the control socket: 0600, or 0660 owned by `[control] group`; its
+/// directory is created. Bound first of all sockets, so a second baton on
+/// the same config says so plainly.
+fn bind_control(config: &Config) -> Result<std::os::unix::net::UnixListener, DaemonError> {
+    let path = &config.control_socket;
     let err = |source| DaemonError::Control {
         path: path.to_owned(),
         source,
@@ -120,21 +122,51 @@ fn bind_control(path: &Path) -> Result<std::os::unix::net::UnixListener, DaemonE
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
-    let socket = bind_unix(path, 0o600).map_err(|e| {
+    let mode = if config.control_group.is_some() {
+        0o660
+    } else {
+        0o600
+    };
+    let socket = bind_unix(path, mode).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
             err(std::io::Error::new(
                 e.kind(),
-                format!("{e}: is another baton running with this config? (`baton status` asks it)"),
+                format!("{e}: another baton runs with this config (`baton status` asks it; stop it first)"),
             ))
         } else {
             err(e)
         }
     })?;
+    if let Some(group) = &config.control_group {
+        let gid = nix::unistd::Gid::from_raw(group.gid);
+        nix::unistd::chown(path, None, Some(gid)).map_err(|e| err(e.into()))?;
+    }
     socket.listen(64).map_err(err)?;
     socket.set_nonblocking(true).map_err(err)?;
     Ok(std::os::unix::net::UnixListener::from(
         std::os::fd::OwnedFd::from(socket),
     ))
+}
+
+/// Who may use the control socket: root, baton's own user, and members of
+/// `[control] group` (primary or supplementary).
+fn peer_allowed(cred: &tokio::net::unix::UCred, group: Option<u32>) -> bool {
+    if cred.uid() == 0 || cred.uid() == nix::unistd::geteuid().as_raw() {
+        return true;
+    }
+    let Some(gid) = group else { return false };
+    if cred.gid() == gid {
+        return true;
+    }
+    // Supplementary groups, from the peer's /proc entry.
+    let groups = cred
+        .pid()
+        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .unwrap_or_default();
+    groups
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .is_some_and(|list| list.split_whitespace().any(|g| g == gid.to_string()))
 }
 
 /// A control request on its way to the loop, with its reply channel.
@@ -201,7 +233,8 @@ impl Shell {
                 Some(command) = commands.recv() => self.control(command),
                 accepted = control.accept() => match accepted {
                     Ok((stream, _)) => {
-                        tokio::spawn(serve_connection(stream, commands_tx.clone()));
+                        let group = self.config.control_group.as_ref().map(|g| g.gid);
+                        tokio::spawn(serve_connection(stream, group, commands_tx.clone()));
                     }
                     Err(e) => tracing::warn!("control socket: {e}"),
                 },
@@ -389,22 +422,28 @@ fn child_env(
 
 /// One control connection: read one request line (bounded in size and
 /// time), hand it to the loop, stream the replies back.
-async fn serve_connection(stream: UnixStream, commands: mpsc::UnboundedSender<ControlCommand>) {
+async fn serve_connection(
+    stream: UnixStream,
+    group: Option<u32>,
+    commands: mpsc::UnboundedSender<ControlCommand>,
+) {
     const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-    let allowed = match stream.peer_cred() {
-        Ok(cred) => cred.uid() == 0 || cred.uid() == nix::unistd::geteuid().as_raw(),
-        Err(_) => false,
-    };
+    let cred = stream.peer_cred();
+    let allowed = cred.as_ref().is_ok_and(|c| peer_allowed(c, group));
     let (read, mut write) = stream.into_split();
-    let send = |reply: &Reply| {
-        let mut line = serde_json::to_string(reply).unwrap_or_default();
-        line.push('\n');
-        line
-    };
+    let send = |reply: &Reply| encode(reply);
     if !allowed {
-        tracing::warn!("control connection refused: peer is neither root nor baton's user");
+        let who = cred.map_or_else(
+            |_| "unknown peer".to_owned(),
+            |c| format!("uid {} (pid {})", c.uid(), c.pid().unwrap_or(0)),
+        );
+        tracing::warn!(
+            "control connection from {who} refused: not root, baton's user or [control] group"
+        );
         let refusal = Reply::Error {
-            message: "permission denied: only root or baton's own user may control it".into(),
+            message: "permission denied: only root, baton's own user and members of its \
+                      [control] group may control it"
+                .into(),
         };
         let _ = write.write_all(send(&refusal).as_bytes()).await;
         return;
@@ -416,8 +455,7 @@ async fn serve_connection(stream: UnixStream, commands: mpsc::UnboundedSender<Co
         Err(_) => Err("no request within 10 s".to_owned()),
         Ok(Err(e)) => Err(format!("cannot read the request: {e}")),
         Ok(Ok(_)) if line.len() > MAX_REQUEST => Err("request longer than 64 KiB".to_owned()),
-        Ok(Ok(_)) => serde_json::from_str::<Request>(line.trim_end())
-            .map_err(|e| format!("bad request ({e}); expected e.g. {{\"command\":\"status\"}}")),
+        Ok(Ok(_)) => parse_request(line.trim_end()),
     };
     let request = match request {
         Ok(r) => r,

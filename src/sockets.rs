@@ -203,10 +203,17 @@ fn remove_stale(path: &Path) -> io::Result<()> {
         ));
     }
     match UnixStream::connect(path) {
-        Ok(_) => Err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            format!("{} is in use by a running process", path.display()),
-        )),
+        Ok(stream) => {
+            // The listener's credentials, recorded by the kernel at listen().
+            let owner =
+                nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+                    .map(|c| format!(" (pid {})", c.pid()))
+                    .unwrap_or_default();
+            Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{} is in use by a running process{owner}", path.display()),
+            ))
+        }
         Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
             tracing::info!("removing stale socket file {}", path.display());
             std::fs::remove_file(path)

@@ -308,10 +308,11 @@ fn second_baton_on_the_same_config_is_refused() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("is another baton running with this config?"),
-        "{stderr}"
+    let expected = format!(
+        "in use by a running process (pid {}): another baton runs",
+        baton.pid()
     );
+    assert!(stderr.contains(&expected), "{stderr}");
     assert_eq!(get_generation(baton.port), 1);
     assert_eq!(baton.generations(), [(1, "ready".to_owned())]);
 }

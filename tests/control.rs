@@ -1,0 +1,165 @@
+//! The control socket: who may use it, and what a misbehaving client gets
+//! (issue 3). Bad requests get an error line and never block the daemon.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Baton, Setup, BATON};
+
+fn socket(baton: &Baton) -> std::path::PathBuf {
+    baton.dir.path().join("baton.sock")
+}
+
+/// Sends raw bytes, returns the first reply line.
+fn raw(path: &Path, bytes: &[u8]) -> String {
+    let mut s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    line
+}
+
+#[test]
+fn bad_requests_get_an_error_line_and_the_daemon_keeps_serving() {
+    let baton = Baton::start(Setup::default());
+    let path = socket(&baton);
+    // A silent client holds a connection open the whole time.
+    let _silent = UnixStream::connect(&path).unwrap();
+
+    let reply = raw(&path, b"this is not json\n");
+    assert!(
+        reply.starts_with(r#"{"v":1,"event":"error","message":"bad request"#),
+        "{reply}"
+    );
+    let reply = raw(&path, b"{\"command\":\"explode\"}\n");
+    assert!(reply.contains("unknown variant `explode`"), "{reply}");
+    let reply = raw(&path, b"{\"v\":9,\"command\":\"status\"}\n");
+    assert!(reply.contains("version 9 is not supported"), "{reply}");
+    let mut huge = vec![b'x'; 70 * 1024];
+    huge.push(b'\n');
+    let reply = raw(&path, &huge);
+    assert!(reply.contains("longer than 64 KiB"), "{reply}");
+
+    let reply = raw(&path, b"{\"v\":1,\"command\":\"status\"}\n");
+    assert!(reply.starts_with(r#"{"v":1,"event":"status""#), "{reply}");
+    assert_eq!(baton.generations(), [(1, "ready".to_owned())]);
+}
+
+#[test]
+fn status_prints_a_table_and_stable_json() {
+    let baton = Baton::start(Setup::default());
+    let (code, _, _) = baton.reload_wait();
+    assert_eq!(code, 0);
+    let out = baton.cli(&["status"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("GEN    PID      STATE"), "{table}");
+    assert!(
+        table.contains("last deploy: generation 2 is serving"),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!("listener http: 127.0.0.1:{}", baton.port)),
+        "{table}"
+    );
+    let json = baton.status();
+    let keys: Vec<&str> = json
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "config",
+            "deploying",
+            "generations",
+            "last_deploy",
+            "listeners",
+            "pid",
+            "reload_queued",
+            "restarting_in_ms",
+            "stopping"
+        ]
+    );
+    assert_eq!(json["last_deploy"]["ok"], true);
+    assert_eq!(json["generations"][0]["generation"], 2);
+}
+
+/// Runs `baton status` as another user (via util-linux `setpriv`).
+fn status_as(baton: &Baton, uid: u32, gid: u32, groups: &str) -> std::process::Output {
+    Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={gid}"),
+            &format!("--groups={groups}"),
+            BATON,
+            "status",
+            "-c",
+        ])
+        .arg(&baton.config)
+        .output()
+        .expect("setpriv (util-linux) runs")
+}
+
+#[test]
+fn control_group_members_may_connect_others_are_refused() {
+    let setup = Setup {
+        extra: "group = \"nogroup\"\n".into(),
+        ..Setup::default()
+    };
+    let baton = Baton::start(setup);
+    let path = socket(&baton);
+    // Let other users reach the socket file itself (and read the config).
+    std::fs::set_permissions(baton.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&baton.config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(meta.gid(), 65534);
+
+    // Primary group, and supplementary group.
+    let out = status_as(&baton, 4242, 65534, "65534");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = status_as(&baton, 4242, 4242, "65534");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // An operator loosened the mode by hand: baton still checks the peer.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = status_as(&baton, 4242, 4242, "4242");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("permission denied"), "{stderr}");
+    assert!(baton.log_contains("control connection from uid 4242"));
+}
+
+#[test]
+fn slow_client_does_not_block_the_daemon() {
+    let baton = Baton::start(Setup::default());
+    let path = socket(&baton);
+    let mut slow = UnixStream::connect(&path).unwrap();
+    slow.write_all(b"{\"command\":").unwrap(); // and nothing more, for now
+    let (code, stdout, stderr) = baton.reload_wait();
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    slow.write_all(b"\"status\"}\n").unwrap();
+    let mut reply = String::new();
+    slow.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    slow.read_to_string(&mut reply).unwrap();
+    assert!(reply.contains("\"generation\":2"), "{reply}");
+}
