@@ -31,9 +31,9 @@
 //! # HTTP
 //!
 //! Just enough for requests without a body: every request gets
-//! `generation=<G> pid=<P>`; `/slow?ms=N` (N <= 60000) waits N ms first, to
-//! keep a request in flight across a drain. Connections are kept alive
-//! unless the client asks otherwise or a drain has begun.
+//! `generation=<G> pid=<P>`; `/slow?ms=N` (N <= 60000, else 400) waits
+//! N ms first, to keep a request in flight across a drain. Connections are
+//! kept alive unless the client asks otherwise or a drain has begun.
 //!
 //! # Fault injection for baton's tests
 //!

@@ -112,7 +112,14 @@ pub enum Upstream {
     },
     Status(String),
     Stopping,
+    /// A stop or deploy may take this long: `EXTEND_TIMEOUT_USEC`, so a
+    /// long drain is not cut short by systemd's own timeout.
+    ExtendTimeout(Duration),
 }
+
+/// Slack on top of a deadline for `EXTEND_TIMEOUT_USEC`: after the last
+/// SIGKILL the exit still has to be reaped.
+const EXTEND_SLACK: Duration = Duration::from_secs(5);
 
 /// What a waiting client hears about its deploy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -433,6 +440,9 @@ impl Supervisor {
         tracing::info!(generation = id, "starting generation {id}");
         if kind == Kind::Deploy {
             actions.push(Action::Upstream(Upstream::Reloading));
+            actions.push(Action::Upstream(Upstream::ExtendTimeout(
+                readiness.timeout + EXTEND_SLACK,
+            )));
         }
         actions.push(Action::Spawn {
             generation: id,
@@ -791,7 +801,26 @@ impl Supervisor {
                     kill(g, actions);
                 }
             }
+        } else if let Some(last) = self.next_deadline_max() {
+            let left = last.saturating_duration_since(now);
+            actions.push(Action::Upstream(Upstream::ExtendTimeout(
+                left + EXTEND_SLACK,
+            )));
         }
+    }
+
+    /// The latest pending drain deadline.
+    fn next_deadline_max(&self) -> Option<Instant> {
+        self.draining
+            .iter()
+            .filter_map(|g| match g.state {
+                State::Draining {
+                    deadline,
+                    killed: false,
+                } => Some(deadline),
+                _ => None,
+            })
+            .max()
     }
 
     fn exit_if_done(&mut self, actions: &mut Vec<Action>) {

@@ -58,11 +58,23 @@ const SYSTEMD_VARS: &[&str] = &[
     "BATON_GENERATION",
 ];
 
+/// How `baton run` was asked to behave beyond the config file.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Push the listeners into systemd's fd store (`FDSTORE=1`), so they
+    /// survive a crash of baton itself. Also on when systemd says the store
+    /// exists (`$FDSTORE`, systemd ≥ 254).
+    pub fd_store: bool,
+}
+
 /// Runs the daemon until it is stopped. Returns the exit code.
-pub fn run(config_path: &Path) -> Result<i32, DaemonError> {
+pub fn run(config_path: &Path, options: Options) -> Result<i32, DaemonError> {
     let config = Arc::new(Config::load(config_path)?);
     // Everything read from the environment is read now, single-threaded.
     let upstream = UpstreamNotifier::from_env();
+    let watchdog = crate::notify::watchdog_from_env();
+    let fd_store = options.fd_store
+        || std::env::var("FDSTORE").is_ok_and(|n| n.parse::<u32>().is_ok_and(|n| n > 0));
     let base_env: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| !SYSTEMD_VARS.iter().any(|v| k == v))
         .collect();
@@ -75,6 +87,9 @@ pub fn run(config_path: &Path) -> Result<i32, DaemonError> {
             return Err(e.into());
         }
     };
+    if let Some(upstream) = upstream.as_ref().filter(|_| fd_store) {
+        listeners.store_in(upstream);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -95,6 +110,7 @@ pub fn run(config_path: &Path) -> Result<i32, DaemonError> {
             listeners,
             notify_path: notify_path.clone(),
             upstream,
+            watchdog,
             base_env,
             waiters: HashMap::new(),
             next_waiter: 1,
@@ -183,6 +199,9 @@ struct Shell {
     listeners: Listeners,
     notify_path: PathBuf,
     upstream: Option<UpstreamNotifier>,
+    /// systemd's watchdog interval; pinged at half of it from the loop, so
+    /// a wedged loop is noticed.
+    watchdog: Option<std::time::Duration>,
     base_env: Vec<(OsString, OsString)>,
     waiters: HashMap<WaiterId, mpsc::UnboundedSender<Reply>>,
     next_waiter: WaiterId,
@@ -209,6 +228,9 @@ impl Shell {
         self.supervisor = Some(supervisor);
         self.execute(actions);
 
+        let mut watchdog = self
+            .watchdog
+            .map(|interval| tokio::time::interval(interval / 2));
         while self.exit.is_none() {
             let deadline = self.supervisor().next_deadline();
             let sleep = async {
@@ -239,6 +261,11 @@ impl Shell {
                     Err(e) => tracing::warn!("control socket: {e}"),
                 },
                 _ = sleep => self.event(Event::Tick),
+                _ = async { watchdog.as_mut().expect("checked").tick().await }, if watchdog.is_some() => {
+                    if let Some(upstream) = &self.upstream {
+                        upstream.send_text("WATCHDOG=1");
+                    }
+                }
             }
         }
         self.exit.unwrap_or(0)
@@ -313,6 +340,14 @@ impl Shell {
 
     fn refuse(&mut self, reply: Option<mpsc::UnboundedSender<Reply>>, message: String) {
         tracing::error!("{message}");
+        // Under Type=notify-reload systemd waits for RELOADING=1 and READY=1
+        // after its SIGHUP: end that reload, with the reason.
+        if let Some(upstream) = &self.upstream {
+            upstream.send(&crate::core::Upstream::Reloading);
+            upstream.send(&crate::core::Upstream::Reloaded {
+                status: message.clone(),
+            });
+        }
         if let Some(reply) = reply {
             let _ = reply.send(Reply::Error { message });
         }

@@ -41,6 +41,11 @@ enum Command {
         /// Log format; log level from BATON_LOG (default: info).
         #[arg(long, value_enum, default_value_t = LogFormat::Human)]
         log_format: LogFormat,
+        /// Hand the listeners to systemd's fd store (needs
+        /// FileDescriptorStoreMax= in the unit), so a restart of baton
+        /// itself never closes them.
+        #[arg(long)]
+        fd_store: bool,
     },
     /// Ask the running daemon to deploy a new generation.
     ///
@@ -91,7 +96,11 @@ const USAGE: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Run { config, log_format } => run(config, log_format),
+        Command::Run {
+            config,
+            log_format,
+            fd_store,
+        } => run(config, log_format, baton::daemon::Options { fd_store }),
         Command::Reload {
             config,
             wait,
@@ -104,9 +113,9 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
-fn run(path: PathBuf, format: LogFormat) -> u8 {
+fn run(path: PathBuf, format: LogFormat, options: baton::daemon::Options) -> u8 {
     init_logging(format);
-    match baton::daemon::run(&path) {
+    match baton::daemon::run(&path, options) {
         Ok(code) => code.clamp(0, 255) as u8,
         Err(e) => {
             tracing::error!("{e:#}");

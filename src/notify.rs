@@ -3,13 +3,12 @@
 //! manager.
 
 use std::io;
-use std::io::IoSliceMut;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::path::Path;
 
-use nix::sys::socket::{self, ControlMessageOwned, MsgFlags, UnixCredentials};
+use nix::sys::socket::{self, ControlMessage, MsgFlags, UnixAddr};
 use nix::unistd::Pid;
 use socket2::{Domain, Socket, Type};
 use tokio::io::Interest;
@@ -77,7 +76,7 @@ impl NotifySocket {
     pub async fn recv(&self) -> io::Result<(Pid, Message)> {
         loop {
             self.socket.readable().await?;
-            let fd = self.socket.as_raw_fd();
+            let fd = self.socket.as_fd();
             match self.socket.try_io(Interest::READABLE, || receive(fd)) {
                 Ok(Some(received)) => return Ok(received),
                 Ok(None) => continue,
@@ -88,26 +87,14 @@ impl NotifySocket {
     }
 }
 
-fn receive(fd: std::os::fd::RawFd) -> io::Result<Option<(Pid, Message)>> {
+/// One datagram and its sender; attached fds (FDSTORE=1 from an app) are
+/// dropped, which closes them: baton keeps none.
+fn receive(socket: BorrowedFd<'_>) -> io::Result<Option<(Pid, Message)>> {
     let mut buf = [0u8; MAX_DATAGRAM];
-    let mut iov = [IoSliceMut::new(&mut buf)];
-    let mut cmsg = nix::cmsg_space!(UnixCredentials, [std::os::fd::RawFd; 16]);
-    let msg = socket::recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
-    let len = msg.bytes;
-    let mut sender = None;
-    for c in msg.cmsgs()? {
-        match c {
-            ControlMessageOwned::ScmCredentials(cred) => sender = Some(Pid::from_raw(cred.pid())),
-            // A sender may attach fds (FDSTORE=1); baton keeps none of them.
-            ControlMessageOwned::ScmRights(fds) => {
-                for fd in fds {
-                    let _ = nix::unistd::close(fd);
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(sender.map(|pid| (pid, Message::parse(&buf[..len]))))
+    let received = crate::spawn::recv_with_fds(socket, &mut buf)?;
+    Ok(received
+        .pid
+        .map(|pid| (pid, Message::parse(&buf[..received.len]))))
 }
 
 /// Reports to the service manager that started baton (systemd), when
@@ -115,6 +102,8 @@ fn receive(fd: std::os::fd::RawFd) -> io::Result<Option<(Pid, Message)>> {
 pub struct UpstreamNotifier {
     socket: UnixDatagram,
     addr: SocketAddr,
+    /// The same address for `sendmsg` (fd passing).
+    unix_addr: UnixAddr,
 }
 
 impl UpstreamNotifier {
@@ -123,13 +112,18 @@ impl UpstreamNotifier {
     pub fn from_env() -> Option<UpstreamNotifier> {
         let value = std::env::var_os("NOTIFY_SOCKET")?;
         let value = value.to_string_lossy();
-        let addr = match value.strip_prefix('@') {
-            Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
-            None => SocketAddr::from_pathname(&*value),
+        let made = match value.strip_prefix('@') {
+            Some(name) => SocketAddr::from_abstract_name(name.as_bytes())
+                .and_then(|a| Ok((a, UnixAddr::new_abstract(name.as_bytes())?))),
+            None => SocketAddr::from_pathname(&*value)
+                .and_then(|a| Ok((a, UnixAddr::new(value.as_bytes())?))),
         };
-        let made = addr.and_then(|addr| Ok((UnixDatagram::unbound()?, addr)));
-        match made {
-            Ok((socket, addr)) => Some(UpstreamNotifier { socket, addr }),
+        match made.and_then(|(addr, unix_addr)| Ok((UnixDatagram::unbound()?, addr, unix_addr))) {
+            Ok((socket, addr, unix_addr)) => Some(UpstreamNotifier {
+                socket,
+                addr,
+                unix_addr,
+            }),
             Err(e) => {
                 tracing::warn!("NOTIFY_SOCKET={value} is unusable: {e}");
                 None
@@ -138,11 +132,41 @@ impl UpstreamNotifier {
     }
 
     pub fn send(&self, message: &Upstream) {
-        let text = render(message, std::process::id(), monotonic_usec());
+        self.send_text(&render(message, std::process::id(), monotonic_usec()));
+    }
+
+    /// Sends one raw datagram (`WATCHDOG=1`, say).
+    pub fn send_text(&self, text: &str) {
         if let Err(e) = self.socket.send_to_addr(text.as_bytes(), &self.addr) {
             tracing::warn!("cannot notify the service manager ({text:?}): {e}");
         }
     }
+
+    /// Hands `fd` to the service manager's fd store under `name`
+    /// (`FDSTORE=1`), so it comes back in LISTEN_FDS if baton restarts.
+    pub fn store_fd(&self, name: &str, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let text = format!("FDSTORE=1\nFDNAME={name}");
+        let fds = [fd.as_raw_fd()];
+        socket::sendmsg(
+            self.socket.as_raw_fd(),
+            &[io::IoSlice::new(text.as_bytes())],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            Some(&self.unix_addr),
+        )?;
+        Ok(())
+    }
+}
+
+/// The watchdog interval systemd asks for (`WATCHDOG_USEC`), when it is
+/// meant for this process (`WATCHDOG_PID` unset or ours).
+pub fn watchdog_from_env() -> Option<std::time::Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    let for_us = match std::env::var("WATCHDOG_PID") {
+        Ok(pid) => pid.parse::<u32>().ok() == Some(std::process::id()),
+        Err(_) => true,
+    };
+    (for_us && usec > 0).then(|| std::time::Duration::from_micros(usec))
 }
 
 /// `CLOCK_MONOTONIC` in µs, as systemd wants it with `RELOADING=1`.
@@ -161,6 +185,7 @@ pub fn render(message: &Upstream, mainpid: u32, monotonic_usec: u64) -> String {
         Upstream::Reloaded { status } => format!("READY=1\nSTATUS={status}"),
         Upstream::Status(status) => format!("STATUS={status}"),
         Upstream::Stopping => "STOPPING=1\nSTATUS=stopping".to_owned(),
+        Upstream::ExtendTimeout(d) => format!("EXTEND_TIMEOUT_USEC={}", d.as_micros()),
     }
 }
 

@@ -121,6 +121,18 @@ impl Listeners {
         }
     }
 
+    /// Pushes every listener into systemd's fd store under its name; they
+    /// come back through LISTEN_FDS (by name) if baton is restarted.
+    /// systemd ignores an fd it already stores, so re-pushing is harmless.
+    pub fn store_in(&self, upstream: &crate::notify::UpstreamNotifier) {
+        for (l, s) in &self.sockets {
+            match upstream.store_fd(&l.name, s.as_fd()) {
+                Ok(()) => tracing::info!("listener `{}` handed to systemd's fd store", l.name),
+                Err(e) => tracing::warn!("cannot store listener `{}` with systemd: {e}", l.name),
+            }
+        }
+    }
+
     /// Removes the unix socket files baton bound (not adopted ones).
     pub fn remove_files(&self) {
         for path in &self.created_files {

@@ -1,4 +1,5 @@
-//! Starting a generation's process: the one module with `unsafe`.
+//! Starting a generation's process, and taking ownership of fds received
+//! over a socket: the one module with `unsafe` and raw fds.
 //!
 //! Why not `std::process::Command`: the child contract needs `LISTEN_PID`
 //! to equal the child's own pid, which only exists after fork, and std builds
@@ -11,7 +12,7 @@
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -346,6 +347,53 @@ pub fn resolve(name: &str, path_var: Option<&OsStr>) -> Option<PathBuf> {
             std::fs::metadata(candidate)
                 .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         })
+}
+
+/// One datagram received with [`recv_with_fds`].
+pub struct Received {
+    pub len: usize,
+    /// The sender's pid, when the socket has SO_PASSCRED.
+    pub pid: Option<Pid>,
+    /// Fds the sender attached (SCM_RIGHTS), now owned by the receiver:
+    /// dropping them closes them.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Receives one datagram into `buf` from the non-blocking socket `socket`.
+///
+/// fd contract: attached fds arrive CLOEXEC (MSG_CMSG_CLOEXEC) and are
+/// returned as `OwnedFd`s, so none can leak.
+pub fn recv_with_fds(socket: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixCredentials};
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let mut cmsg = nix::cmsg_space!(UnixCredentials, [RawFd; 16]);
+    let msg = recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut received = Received {
+        len: msg.bytes,
+        pid: None,
+        fds: Vec::new(),
+    };
+    for c in msg.cmsgs()? {
+        match c {
+            ControlMessageOwned::ScmCredentials(cred) => {
+                received.pid = Some(Pid::from_raw(cred.pid()))
+            }
+            ControlMessageOwned::ScmRights(fds) => {
+                for fd in fds {
+                    // SAFETY: the kernel just installed `fd` in this process
+                    // for this message; nothing else knows or owns it.
+                    received.fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(received)
 }
 
 #[cfg(test)]

@@ -289,22 +289,33 @@ impl Baton {
     }
 }
 
-impl Drop for Baton {
-    fn drop(&mut self) {
+impl Baton {
+    /// SIGKILL to baton and to every generation it started: a crash.
+    pub fn kill_all(&mut self) {
         use nix::sys::signal::{kill, killpg, Signal};
         use nix::unistd::Pid;
         if self.child.try_wait().ok().flatten().is_none() {
             let _ = kill(Pid::from_raw(self.pid()), Signal::SIGKILL);
             let _ = self.child.wait();
         }
-        // Each generation leads its own process group; end the ones we saw
-        // (also those started after the last wait_log).
-        while let Ok(line) = self.lines.try_recv() {
-            self.note_pid(&line);
+        // Each generation leads its own process group; end the ones we saw,
+        // also those logged after the last wait_log (the reader thread may
+        // still be catching up: give it a moment, bounded).
+        for _ in 0..10_000 {
+            match self.lines.recv_timeout(Duration::from_millis(50)) {
+                Ok(line) => self.note_pid(&line),
+                Err(_) => break,
+            }
         }
         for pid in &self.pids {
             let _ = killpg(Pid::from_raw(*pid), Signal::SIGKILL);
         }
+    }
+}
+
+impl Drop for Baton {
+    fn drop(&mut self) {
+        self.kill_all();
     }
 }
 
