@@ -300,7 +300,18 @@ pub struct Supervisor {
     /// READY=1 goes upstream once, when the first generation is ready.
     announced: bool,
     last_deploy: Option<LastDeploy>,
+    /// Successful deploys whose old generation still drains: their summary
+    /// line is logged when it has exited.
+    drain_watch: Vec<DrainWatch>,
     rng: fastrand::Rng,
+}
+
+#[derive(Debug)]
+struct DrainWatch {
+    old: u64,
+    new: u64,
+    ready_after: Duration,
+    since: Instant,
 }
 
 impl Supervisor {
@@ -318,6 +329,7 @@ impl Supervisor {
             failures: 0,
             announced: false,
             last_deploy: None,
+            drain_watch: Vec::new(),
             rng: fastrand::Rng::with_seed(seed),
         };
         let mut actions = Vec::new();
@@ -549,6 +561,23 @@ impl Supervisor {
             ));
         }
         let old = self.current.replace(generation);
+        if kind == Kind::Deploy {
+            match &old {
+                Some(old) => self.drain_watch.push(DrainWatch {
+                    old: old.id,
+                    new: id,
+                    ready_after: latency,
+                    since: now,
+                }),
+                None => tracing::info!(
+                    generation = id,
+                    outcome = "ok",
+                    ready_latency_ms = latency.as_millis() as u64,
+                    "deploy summary: generation {id} ok, ready in {}, nothing to drain",
+                    secs(latency)
+                ),
+            }
+        }
         if let Some(old) = old {
             for &waiter in &waiters {
                 if let Some(pid) = old.pid {
@@ -638,6 +667,13 @@ impl Supervisor {
         };
         tracing::error!(generation = id, "{status}");
         if kind == Kind::Deploy {
+            tracing::info!(
+                generation = id,
+                outcome = "failed",
+                "deploy summary: generation {id} failed after {}: {}",
+                secs(took),
+                outcome_reason(&outcome)
+            );
             actions.push(Action::Upstream(Upstream::Reloaded {
                 status: status.clone(),
             }));
@@ -709,6 +745,21 @@ impl Supervisor {
         if let Some(i) = self.draining.iter().position(|g| g.pid == Some(pid)) {
             let g = self.draining.remove(i);
             tracing::info!(generation = g.id, %pid, "generation {} (pid {pid}) {status}", g.id);
+            if let Some(w) = self.drain_watch.iter().position(|w| w.old == g.id) {
+                let w = self.drain_watch.remove(w);
+                let drain = now.saturating_duration_since(w.since);
+                tracing::info!(
+                    generation = w.new,
+                    outcome = "ok",
+                    ready_latency_ms = w.ready_after.as_millis() as u64,
+                    drain_ms = drain.as_millis() as u64,
+                    "deploy summary: generation {} ok, ready in {}, generation {} drained in {} ({status})",
+                    w.new,
+                    secs(w.ready_after),
+                    w.old,
+                    secs(drain)
+                );
+            }
             // KillMode=mixed: what the main process left behind goes too.
             actions.push(Action::KillGroup { pgid: pid });
             return;
@@ -863,6 +914,13 @@ impl Supervisor {
             last_deploy: self.last_deploy.clone().map(|l| (l, now)),
             stopping: self.mode != Mode::Running,
         }
+    }
+}
+
+fn outcome_reason(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Failed { reason, .. } => reason.to_string(),
+        other => other.to_string(),
     }
 }
 

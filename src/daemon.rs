@@ -70,6 +70,13 @@ pub struct Options {
 /// Runs the daemon until it is stopped. Returns the exit code.
 pub fn run(config_path: &Path, options: Options) -> Result<i32, DaemonError> {
     let config = Arc::new(Config::load(config_path)?);
+    // Orphans of the application (a daemonizing helper, say) are
+    // reparented to baton instead of init, and reaped by its reaper: no
+    // zombies, even when baton is PID 1 of an appliance image (where this
+    // is implied).
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        tracing::warn!("cannot become a child subreaper: {e}");
+    }
     // Everything read from the environment is read now, single-threaded.
     let upstream = UpstreamNotifier::from_env();
     let watchdog = crate::notify::watchdog_from_env();

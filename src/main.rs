@@ -81,6 +81,11 @@ enum Command {
         #[arg(short, long, default_value = config::DEFAULT_PATH, env = "BATON_CONFIG")]
         config: PathBuf,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) to stdout.
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -109,8 +114,35 @@ fn main() -> ExitCode {
         Command::Status { config, json } => status(config, json),
         Command::Check { config } => check(config),
         Command::Stop { config } => stop(config),
+        Command::Completions { shell } => {
+            let mut cli = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cli, "baton", &mut out);
+            print_bytes(&out)
+        }
+        Command::Man => {
+            let cli = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cli)
+                .render(&mut out)
+                .expect("rendering into memory");
+            print_bytes(&out)
+        }
     };
     ExitCode::from(code)
+}
+
+/// Writes to stdout; a closed pipe (`| head`) is not an error.
+fn print_bytes(bytes: &[u8]) -> u8 {
+    use std::io::Write;
+    match std::io::stdout().write_all(bytes) {
+        Ok(()) => OK,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => OK,
+        Err(e) => {
+            eprintln!("baton: {e}");
+            FAILED
+        }
+    }
 }
 
 fn run(path: PathBuf, format: LogFormat, options: baton::daemon::Options) -> u8 {
@@ -139,8 +171,36 @@ fn init_logging(format: LogFormat) {
     let builder = builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Json => builder.json().init(),
-        LogFormat::Human if journald => builder.without_time().with_ansi(false).init(),
+        LogFormat::Human if journald => builder.event_format(Journald).init(),
         LogFormat::Human => builder.init(),
+    }
+}
+
+/// Lines for journald's stream: `<N>` priority prefixes (sd-daemon(3)),
+/// no timestamps (the journal adds its own), no colours.
+struct Journald;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for Journald
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        use tracing::Level;
+        let priority = match *event.metadata().level() {
+            Level::ERROR => 3,
+            Level::WARN => 4,
+            Level::INFO => 6,
+            Level::DEBUG | Level::TRACE => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
     }
 }
 

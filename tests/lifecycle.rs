@@ -349,3 +349,59 @@ fn notify_from_a_foreign_pid_is_ignored() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not ready within 2.00 s"));
     assert_eq!(baton.generations()[0], (1, "ready".to_owned()));
 }
+
+/// Every deploy logs one summary line, with ready latency and drain time.
+#[test]
+fn each_deploy_logs_one_summary_line() {
+    let mut baton = Baton::start(Setup::default());
+    let (code, _, _) = baton.reload_wait();
+    assert_eq!(code, 0);
+    let line = baton.wait_log("deploy summary: generation 2", Duration::from_secs(10));
+    assert!(
+        line.contains("ok, ready in") && line.contains("generation 1 drained in"),
+        "{line}"
+    );
+    baton.rewrite(&Setup::default().env("HELLO_FAIL", "crash"));
+    let (code, _, _) = baton.reload_wait();
+    assert_eq!(code, 1);
+    let line = baton.wait_log("deploy summary: generation 3", Duration::from_secs(10));
+    assert!(
+        line.contains("failed after") && line.contains("exited with code 3"),
+        "{line}"
+    );
+}
+
+/// baton is a child subreaper: a process the app orphans (a daemonizing
+/// helper) becomes baton's child and is reaped when it exits, as PID 1
+/// would do in an appliance image.
+#[test]
+fn orphans_of_the_app_are_adopted_and_reaped() {
+    let setup = Setup {
+        command: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "(sleep 1 &); exec sleep 60".into(),
+        ],
+        readiness: "check = \"delay\"\ndelay = \"100ms\"\ntimeout = \"10s\"".into(),
+        ..Setup::default()
+    };
+    let baton = Baton::start(setup);
+    let app = baton.current_pid();
+    let children = || -> Vec<i32> {
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", baton.pid()))
+            .unwrap()
+            .split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect()
+    };
+    let mut orphan = None;
+    assert!(eventually(Duration::from_secs(5), || {
+        orphan = children().into_iter().find(|&p| p != app);
+        orphan.is_some()
+    }));
+    let orphan = orphan.unwrap();
+    // It exits after a second and is reaped: gone, not a zombie.
+    assert!(eventually(Duration::from_secs(10), || !children().contains(&orphan)));
+    assert!(!std::path::Path::new(&format!("/proc/{orphan}")).exists());
+    assert_eq!(children(), [app]);
+}
