@@ -162,13 +162,27 @@ impl Config {
 
 /// The control socket named by the file at `path`, found without requiring
 /// the whole file to be valid: `baton reload` must reach the daemon to hear
-/// the daemon's own verdict on a broken file.
+/// the daemon's own verdict on a broken file. Without `[control] socket`,
+/// the default, or else `/run/baton/<stem>/baton.sock` where the packaged
+/// `baton@<stem>.service` puts it.
 pub fn control_socket_of(path: &Path) -> PathBuf {
     let from_file = std::fs::read_to_string(path)
         .ok()
         .and_then(|text| text.parse::<toml::Table>().ok())
         .and_then(|t| t.get("control")?.get("socket")?.as_str().map(PathBuf::from));
-    from_file.unwrap_or_else(|| default_control_socket(path))
+    if let Some(socket) = from_file {
+        return socket;
+    }
+    let default = default_control_socket(path);
+    // Outside the unit (an operator's shell) RUNTIME_DIRECTORY is unset; the
+    // packaged baton@.service puts the socket in /run/baton/<instance>/.
+    let stem = path.file_stem().unwrap_or_default();
+    let unit_layout = Path::new("/run/baton").join(stem).join("baton.sock");
+    if std::env::var_os("RUNTIME_DIRECTORY").is_none() && !default.exists() && unit_layout.exists()
+    {
+        return unit_layout;
+    }
+    default
 }
 
 /// `$RUNTIME_DIRECTORY/baton.sock` if set (systemd `RuntimeDirectory=`), else
