@@ -50,7 +50,7 @@ fn twenty_deploys_under_load_fail_no_request() {
 /// --wait` exits 1, the old generation keeps serving every request.
 #[test]
 fn broken_releases_never_fail_a_request() {
-    let baton = Baton::start(Setup::default());
+    let mut baton = Baton::start(Setup::default());
     let load = Load::start(baton.port, CLIENTS, LOAD_MAX);
     let cases = [
         (
@@ -110,6 +110,7 @@ fn broken_releases_never_fail_a_request() {
     baton.rewrite(&Setup::default());
     let (code, stdout, stderr) = baton.reload_wait();
     assert_eq!(code, 0, "{stdout}{stderr}");
+    baton.wait_drained(1);
     assert_eq!(get_generation(baton.port), 6);
 }
 

@@ -310,5 +310,6 @@ fn adopts_a_socket_from_systemd_socket_activate() {
     );
     let (code, stdout, stderr) = baton.reload_wait();
     assert_eq!(code, 0, "{stdout}{stderr}");
+    baton.wait_drained(1);
     assert_eq!(get_generation(port), 2);
 }

@@ -187,6 +187,15 @@ impl Baton {
         }
     }
 
+    /// Waits until generation `old` has exited after a deploy (its
+    /// summary line): until then it may still accept, as it should.
+    pub fn wait_drained(&mut self, old: u64) {
+        self.wait_log(
+            &format!("generation {old} drained in"),
+            Duration::from_secs(30),
+        );
+    }
+
     fn note_pid(&mut self, line: &str) {
         if let Some(rest) = line.split(" started as pid ").nth(1) {
             if let Ok(pid) = rest.split_whitespace().next().unwrap_or("").parse() {
