@@ -115,7 +115,7 @@ fn control_group_members_may_connect_others_are_refused() {
         extra: "group = \"nogroup\"\n".into(),
         ..Setup::default()
     };
-    let baton = Baton::start(setup);
+    let mut baton = Baton::start(setup);
     let path = socket(&baton);
     // Let other users reach the socket file itself (and read the config).
     std::fs::set_permissions(baton.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -145,7 +145,7 @@ fn control_group_members_may_connect_others_are_refused() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("permission denied"), "{stderr}");
-    assert!(baton.log_contains("control connection from uid 4242"));
+    baton.wait_log("control connection from uid 4242", Duration::from_secs(10));
 }
 
 #[test]
