@@ -636,7 +636,7 @@ impl Supervisor {
     /// The candidate failed. The current generation is untouched.
     fn fail_candidate(&mut self, reason: Failure, now: Instant, actions: &mut Vec<Action>) {
         let Some(Candidate {
-            mut generation,
+            generation,
             kind,
             waiters,
         }) = self.candidate.take()
@@ -648,10 +648,7 @@ impl Supervisor {
         match (&reason, generation.pid) {
             // It may already have accepted connections from the shared
             // queue: stop it like a draining generation.
-            (Failure::NotReady(_), Some(_)) => {
-                generation.started = now;
-                self.drain(generation, now, actions);
-            }
+            (Failure::NotReady(_), Some(_)) => self.drain(generation, now, actions),
             // Exited: clean up whatever it left in its process group.
             (Failure::Exited(_), Some(pid)) => actions.push(Action::KillGroup { pgid: pid }),
             _ => {}

@@ -404,3 +404,48 @@ fn orphans_of_the_app_are_adopted_and_reaped() {
     assert!(!std::path::Path::new(&format!("/proc/{orphan}")).exists());
     assert_eq!(children(), [app]);
 }
+
+/// Under journald (JOURNAL_STREAM set): `<N>` priority prefixes and no
+/// timestamps; with --log-format json: one JSON object per line.
+#[test]
+fn logs_suit_journald_and_log_shippers() {
+    let mut journald = Baton::spawn(
+        Setup::default(),
+        "127.0.0.1:0",
+        &[("JOURNAL_STREAM", "8:4242")],
+    );
+    let line = journald.wait_log("generation 1 is ready", Duration::from_secs(20));
+    assert!(
+        line.starts_with("<6>generation 1 is ready after"),
+        "{line:?}"
+    );
+    journald.kill_all();
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("app.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[app]\ncommand = [\"sleep\", \"60\"]\n[readiness]\ncheck = \"delay\"\ndelay = \"50ms\"\n\
+             [control]\nsocket = \"{}\"\n",
+            dir.path().join("baton.sock").display()
+        ),
+    )
+    .unwrap();
+    let mut json = Baton::spawn_with(
+        dir,
+        config,
+        "",
+        BATON,
+        &["run", "--log-format", "json", "-c"],
+        &[],
+    );
+    let line = json.wait_log("generation 1 is ready", Duration::from_secs(20));
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["level"], "INFO");
+    assert!(event["fields"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("generation 1 is ready"));
+    assert_eq!(event["fields"]["generation"], 1);
+}

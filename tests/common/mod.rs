@@ -19,12 +19,25 @@ use std::time::{Duration, Instant};
 
 pub const BATON: &str = env!("CARGO_BIN_EXE_baton");
 
-/// The example app, built by `cargo test` together with the tests.
+/// The example app. `cargo test` builds it with the tests; a narrower run
+/// (`cargo test --test deploy`) does not, so it is built here once if
+/// missing.
 pub fn hello() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
     let path = Path::new(BATON).parent().unwrap().join("examples/hello");
+    BUILT.call_once(|| {
+        if !path.exists() {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "--example", "hello"])
+                .status()
+                .expect("running cargo to build the example app");
+            assert!(status.success(), "cargo build --example hello failed");
+        }
+    });
     assert!(
         path.exists(),
-        "{} missing: run the tests with `cargo test`",
+        "{} missing: run `cargo build --example hello`",
         path.display()
     );
     path
