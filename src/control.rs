@@ -243,6 +243,11 @@ impl StatusDoc {
         if self.generations.is_empty() {
             out += "(no generation running)\n";
         }
+        for g in &self.generations {
+            if let Some(status) = &g.status {
+                out += &format!("generation {} says: {status}\n", g.generation);
+            }
+        }
         if let Some(ms) = self.restarting_in_ms {
             out += &format!("restarting in {:.1}s\n", ms as f64 / 1000.0);
         }

@@ -59,7 +59,9 @@ pub enum Event {
         config: Arc<Config>,
         waiter: Option<WaiterId>,
     },
-    /// The shell started the process of `generation`.
+    /// The shell started the process of `generation`. Always delivered
+    /// before any `Exited` for that pid: the shell spawns synchronously and
+    /// feeds this back before it reaps anything.
     Spawned { generation: u64, pid: Pid },
     /// The shell could not start `generation` (fork, chdir or exec failed).
     SpawnFailed { generation: u64, error: String },
@@ -383,6 +385,11 @@ impl Supervisor {
             .min()
     }
 
+    /// Whether systemd has been told READY=1 (a generation has served).
+    pub fn announced(&self) -> bool {
+        self.announced
+    }
+
     /// Every pid the core supervises (for authenticating notify datagrams).
     pub fn owns(&self, pid: Pid) -> bool {
         self.generations().any(|g| g.pid == Some(pid))
@@ -450,7 +457,9 @@ impl Supervisor {
             ReadinessCheck::Delay(d) => Some(now + d),
         };
         tracing::info!(generation = id, "starting generation {id}");
-        if kind == Kind::Deploy {
+        // Before the first READY=1 systemd is still starting the unit: a
+        // RELOADING=1/READY=1 pair would end its start with nothing serving.
+        if kind == Kind::Deploy && self.announced {
             actions.push(Action::Upstream(Upstream::Reloading));
             actions.push(Action::Upstream(Upstream::ExtendTimeout(
                 readiness.timeout + EXTEND_SLACK,
@@ -671,6 +680,8 @@ impl Supervisor {
                 secs(took),
                 outcome_reason(&outcome)
             );
+        }
+        if kind == Kind::Deploy && self.announced {
             actions.push(Action::Upstream(Upstream::Reloaded {
                 status: status.clone(),
             }));
@@ -1402,6 +1413,34 @@ backoff_max = "1s"
         assert!(h.s.next_deadline().is_some());
         let at = h.s.next_deadline().unwrap() - h.t0;
         assert_eq!(spawns(&h.at(at).on(Event::Tick)), [2]);
+    }
+
+    #[test]
+    fn no_ready_upstream_before_anything_served() {
+        let (mut h, _) = Harness::with(BASE);
+        h.on(exited(100, 1)); // unknown pid: ignored
+        h.on(Event::SpawnFailed {
+            generation: 1,
+            error: "exec failed".into(),
+        });
+        let actions = h.reload(Some(1));
+        assert!(
+            !actions.contains(&Action::Upstream(Upstream::Reloading)),
+            "{actions:?}"
+        );
+        h.on(Event::Spawned {
+            generation: 2,
+            pid: pid(200),
+        });
+        let actions = h.on(exited(200, 3));
+        assert!(
+            !actions.iter().any(|a| matches!(
+                a,
+                Action::Upstream(Upstream::Reloaded { .. } | Upstream::Ready { .. })
+            )),
+            "{actions:?}"
+        );
+        assert!(!h.s.announced());
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub enum DaemonError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot create the notify socket {}: {source}", path.display())]
+    #[error("cannot create the notify socket {}: {source} (baton needs to create files in that directory, the control socket's)", path.display())]
     Notify {
         path: PathBuf,
         source: std::io::Error,
@@ -267,7 +267,12 @@ impl Shell {
                     }
                     Err(e) => tracing::warn!("control socket: {e}"),
                 },
-                _ = sleep => self.event(Event::Tick),
+                _ = sleep => {
+                    // Exits first: a candidate that died just as its
+                    // `delay` ran out must not be promoted.
+                    self.reap();
+                    self.event(Event::Tick);
+                }
                 _ = async { watchdog.as_mut().expect("checked").tick().await }, if watchdog.is_some() => {
                     if let Some(upstream) = &self.upstream {
                         upstream.send_text("WATCHDOG=1");

@@ -147,7 +147,7 @@ fn print_bytes(bytes: &[u8]) -> u8 {
 
 fn run(path: PathBuf, format: LogFormat, options: baton::daemon::Options) -> u8 {
     init_logging(format);
-    match baton::daemon::run(&path, options) {
+    let code = match baton::daemon::run(&path, options) {
         Ok(code) => code.clamp(0, 255) as u8,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -156,7 +156,22 @@ fn run(path: PathBuf, format: LogFormat, options: baton::daemon::Options) -> u8 
                 _ => FAILED,
             }
         }
+    };
+    if std::process::id() == 1 {
+        power_off();
     }
+    code
+}
+
+/// As init (PID 1) baton must not exit: the kernel would panic. Shut the
+/// machine down instead, as an init does; in a container's PID namespace
+/// this ends the container.
+fn power_off() {
+    tracing::info!("baton is PID 1 and has stopped: powering off");
+    nix::unistd::sync();
+    // Returns only on failure (Ok is uninhabited).
+    let Err(e) = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    tracing::error!("cannot power off: {e}");
 }
 
 fn init_logging(format: LogFormat) {

@@ -118,7 +118,14 @@ impl UpstreamNotifier {
             None => SocketAddr::from_pathname(&*value)
                 .and_then(|a| Ok((a, UnixAddr::new(value.as_bytes())?))),
         };
-        match made.and_then(|(addr, unix_addr)| Ok((UnixDatagram::unbound()?, addr, unix_addr))) {
+        // Non-blocking: a service manager with a full queue must not stall
+        // baton's event loop; such a message is dropped with a warning.
+        let unbound = || -> io::Result<UnixDatagram> {
+            let socket = UnixDatagram::unbound()?;
+            socket.set_nonblocking(true)?;
+            Ok(socket)
+        };
+        match made.and_then(|(addr, unix_addr)| Ok((unbound()?, addr, unix_addr))) {
             Ok((socket, addr, unix_addr)) => Some(UpstreamNotifier {
                 socket,
                 addr,
@@ -151,7 +158,7 @@ impl UpstreamNotifier {
             self.socket.as_raw_fd(),
             &[io::IoSlice::new(text.as_bytes())],
             &[ControlMessage::ScmRights(&fds)],
-            MsgFlags::empty(),
+            MsgFlags::MSG_DONTWAIT,
             Some(&self.unix_addr),
         )?;
         Ok(())
@@ -220,6 +227,35 @@ mod tests {
         assert_eq!(
             render(&Upstream::Reloading, 7, 123),
             "RELOADING=1\nMONOTONIC_USEC=123"
+        );
+    }
+
+    /// Fds attached to a notify datagram are closed, however many there
+    /// are: the pipe's reader sees EOF only once every copy of its write
+    /// end is gone.
+    #[tokio::test(flavor = "current_thread")]
+    async fn attached_fds_are_closed_even_past_sixteen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.notify");
+        let socket = NotifySocket::bind(&path).unwrap();
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
+        let client = UnixDatagram::unbound().unwrap();
+        let fds = [write.as_raw_fd(); 40];
+        socket::sendmsg(
+            client.as_raw_fd(),
+            &[io::IoSlice::new(b"FDSTORE=1")],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            Some(&UnixAddr::new(&path).unwrap()),
+        )
+        .unwrap();
+        drop(write);
+        socket.recv().await.unwrap();
+        let mut buf = [0u8; 1];
+        assert_eq!(
+            nix::unistd::read(&read, &mut buf),
+            Ok(0),
+            "a copy of the write end leaked"
         );
     }
 

@@ -37,7 +37,7 @@ pub struct Command<'a> {
 pub enum SpawnError {
     #[error("exec failed: ENOENT: program `{0}` not found on PATH")]
     NotFound(String),
-    #[error("exec failed: {errno} (program `{program}`)")]
+    #[error("exec failed: {errno} (program `{program}`){}", exec_hint(*errno))]
     Exec { program: String, errno: Errno },
     #[error("cannot change directory to {}: {errno}", dir.display())]
     Chdir { dir: PathBuf, errno: Errno },
@@ -47,6 +47,18 @@ pub enum SpawnError {
     Nul,
     #[error("cannot start a process: {0}")]
     Io(#[from] io::Error),
+}
+
+fn exec_hint(errno: Errno) -> &'static str {
+    match errno {
+        Errno::ENOENT => ": check [app] command (and workdir, for a relative path)",
+        Errno::EACCES => {
+            ": it must be an executable file (chmod +x) outside a noexec mount, \
+             in directories baton's user may search"
+        }
+        Errno::ENOEXEC => ": not an executable format (a script needs a #! line)",
+        _ => "",
+    }
 }
 
 /// What a child reports on the error pipe before `_exit(127)`.
@@ -76,6 +88,9 @@ struct Plan<'a> {
     devnull: RawFd,
     error_pipe: RawFd,
     empty_mask: &'a libc::sigset_t,
+    /// Upper bound of open fds (RLIMIT_NOFILE, capped), for the fallback
+    /// that marks fds CLOEXEC one by one.
+    max_fd: RawFd,
 }
 
 /// Forks and execs `cmd` in a new process group. Returns once the child has
@@ -143,13 +158,29 @@ pub fn spawn(cmd: &Command) -> Result<Pid, SpawnError> {
         devnull: devnull.as_raw_fd(),
         error_pipe: error_write.as_raw_fd(),
         empty_mask: &empty_mask,
+        max_fd: nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(1024, |(soft, _)| soft.min(65_536) as RawFd),
     };
 
+    // Block every signal across fork: until the child has reset its
+    // dispositions, a signal sent to it would run baton's handler, which
+    // writes to the signal pipe it shares with baton.
+    // SAFETY: sigfillset and sigprocmask only touch the sets they are given.
+    let saved_mask = unsafe {
+        let mut all = std::mem::zeroed::<libc::sigset_t>();
+        let mut saved = std::mem::zeroed::<libc::sigset_t>();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut saved);
+        saved
+    };
     // SAFETY: fork has no memory-safety preconditions. baton's event loop is
     // single-threaded, and the child below runs only async-signal-safe
     // syscalls on memory prepared above until it execs or _exits, so no lock
     // held by another thread at fork time is ever touched.
     let pid = unsafe { libc::fork() };
+    // SAFETY: restores the mask saved above (in the parent; the child sets
+    // its own before exec).
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &saved_mask, std::ptr::null_mut()) };
     if pid < 0 {
         return Err(io::Error::last_os_error().into());
     }
@@ -238,15 +269,20 @@ unsafe fn exec_child(plan: &Plan) -> ! {
                 fail(Stage::Dup);
             }
         }
-        // Anything else open above the listeners (fds inherited by baton
-        // without CLOEXEC, say) must not reach the application. Older kernels
-        // (ENOSYS) lack it; baton's own fds are all CLOEXEC anyway.
-        libc::syscall(
+        // Anything else open above the listeners (fds systemd passed that
+        // the config does not use, say) must not reach the application.
+        // Kernels before 5.11 lack close_range: mark them one by one.
+        let marked = libc::syscall(
             libc::SYS_close_range,
             floor as libc::c_uint,
             libc::c_uint::MAX,
             CLOSE_RANGE_CLOEXEC,
         );
+        if marked < 0 {
+            for fd in floor..plan.max_fd {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+        }
         if libc::setpgid(0, 0) < 0 {
             fail(Stage::Setpgid);
         }
@@ -366,7 +402,9 @@ pub struct Received {
 pub fn recv_with_fds(socket: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixCredentials};
     let mut iov = [io::IoSliceMut::new(buf)];
-    let mut cmsg = nix::cmsg_space!(UnixCredentials, [RawFd; 16]);
+    // Room for the kernel's maximum of 253 fds per message (SCM_MAX_FD): a
+    // truncated control message would leave fds in baton that nobody closes.
+    let mut cmsg = nix::cmsg_space!(UnixCredentials, [RawFd; 253]);
     let msg = recvmsg::<()>(
         socket.as_raw_fd(),
         &mut iov,

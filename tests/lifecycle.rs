@@ -86,9 +86,7 @@ fn concurrent_reloads_coalesce_into_one_follow_up() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    assert!(eventually(Duration::from_secs(10), || baton.status()
-        ["deploying"]
-        == true));
+    baton.wait_log("starting generation 3", Duration::from_secs(10));
     let b = baton.cli(&["reload", "--wait"]);
     let a = a.wait_with_output().unwrap();
     let a_out = String::from_utf8_lossy(&a.stdout);

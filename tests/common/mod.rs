@@ -394,6 +394,8 @@ pub struct Tally {
     pub retried: u64,
     /// Responses by the generation that answered.
     pub by_generation: BTreeMap<u64, u64>,
+    /// When each generation's first response arrived.
+    pub first_seen: BTreeMap<u64, Instant>,
     pub errors: Vec<String>,
 }
 
@@ -413,6 +415,10 @@ impl Tally {
         for (g, n) in other.by_generation {
             *self.by_generation.entry(g).or_default() += n;
         }
+        for (g, at) in other.first_seen {
+            let first = self.first_seen.entry(g).or_insert(at);
+            *first = (*first).min(at);
+        }
         self.errors.extend(other.errors.into_iter().take(10));
     }
 
@@ -421,6 +427,9 @@ impl Tally {
             Ok(generation) => {
                 self.ok += 1;
                 *self.by_generation.entry(generation).or_default() += 1;
+                self.first_seen
+                    .entry(generation)
+                    .or_insert_with(Instant::now);
             }
             Err(f) => {
                 match f.kind {
