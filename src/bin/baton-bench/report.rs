@@ -1,0 +1,758 @@
+//! The Markdown report: what was run, on what, and the figures. No figure
+//! is judged here; the reader compares.
+
+use std::fmt::Write;
+use std::time::{Duration, SystemTime};
+
+use hdrhistogram::Histogram;
+
+use crate::load::{self, Stats, Tally};
+use crate::scenarios::{
+    DeployRecord, Deploys, Measurements, Scale, Throughput, Trace, BOOT_DELAY, BROKEN_READINESS,
+};
+use crate::Plan;
+
+/// One figure of a deploy, when it was measured.
+type Figure = fn(&DeployRecord) -> Option<Duration>;
+/// How a duration is printed (`us` or `ms`).
+type Unit = fn(Duration) -> String;
+/// One kind of client's figures in a tally.
+type StatsOf = fn(&Tally) -> &Stats;
+
+/// Appends one formatted line to a String (writing to a String cannot fail).
+macro_rules! put {
+    ($out:expr) => { $out.push('\n') };
+    ($out:expr, $($arg:tt)*) => {{
+        let _ = writeln!($out, $($arg)*);
+    }};
+}
+
+pub struct Report<'a> {
+    pub plan: &'a Plan,
+    /// The command that reruns this.
+    pub command: String,
+    pub machine: Machine,
+    pub started: SystemTime,
+    pub took: Duration,
+    pub measured: &'a Measurements,
+}
+
+impl Report<'_> {
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        self.intro(&mut out);
+        self.at_a_glance(&mut out);
+        self.machine.render(&mut out);
+        self.method(&mut out);
+        self.restarts_and_deploys(&mut out);
+        self.broken(&mut out);
+        throughput(&mut out, &self.measured.throughput);
+        self.scale(&mut out);
+        supervisor(&mut out, &self.measured.deploys, &self.measured.throughput);
+        timeline(&mut out);
+        out
+    }
+
+    fn intro(&self, out: &mut String) {
+        let mode = if self.plan.quick { "quick" } else { "full" };
+        put!(out, "# baton: zero-downtime benchmark\n");
+        put!(out, "Reproduce with:\n\n```sh\n{}\n```\n", self.command);
+        put!(
+            out,
+            "Mode **{mode}**, started {} UTC, took {:.0} s. Figures, not assertions: \
+             nothing here is judged against a threshold, and a noisy machine moves the \
+             timings. The request counts are what they are.\n",
+            humantime::format_rfc3339_seconds(self.started),
+            self.took.as_secs_f64()
+        );
+    }
+
+    fn at_a_glance(&self, out: &mut String) {
+        let m = self.measured;
+        let (a, b) = (&m.baseline, &m.deploys);
+        put!(out, "## At a glance\n");
+        put!(
+            out,
+            "| | A: app alone, stop-then-start | B: app under baton |"
+        );
+        put!(out, "| --- | ---: | ---: |");
+        put!(
+            out,
+            "| restarts / deploys done | {} of {} | {} of {} ({} failed) |",
+            a.outages.len(),
+            a.planned,
+            b.records.len(),
+            b.planned,
+            b.records.iter().filter(|r| !r.ok).count()
+        );
+        put!(
+            out,
+            "| requests answered | {} | {} |",
+            a.trace.tally.ok(),
+            b.trace.tally.ok()
+        );
+        put!(
+            out,
+            "| **failed requests** | **{}** | **{}** |",
+            a.trace.tally.failed(),
+            b.trace.tally.failed()
+        );
+        put!(
+            out,
+            "| failed per 100 restarts / deploys | {} | {} |",
+            per_100(a.trace.tally.failed(), a.outages.len()),
+            per_100(b.trace.tally.failed(), b.records.len())
+        );
+        put!(
+            out,
+            "| longest time with no request answered | {} | {} |",
+            silence(&a.trace, "restart"),
+            silence(&b.trace, "deploy")
+        );
+        put!(
+            out,
+            "| latency of answered requests, p50 / p99 / p99.9 / max | {} | {} |",
+            latency(&a.trace.tally.all().latency),
+            latency(&b.trace.tally.all().latency)
+        );
+        put!(
+            out,
+            "| the load generator itself held up for at most | {} | {} |",
+            stall(&a.trace.tally),
+            stall(&b.trace.tally)
+        );
+        put!(
+            out,
+            "| answered, but after more than {} ms | {} | {} |",
+            SLOW.as_millis(),
+            slower_than(&a.trace.tally.all().latency, SLOW),
+            slower_than(&b.trace.tally.all().latency, SLOW)
+        );
+        put!(out);
+        let broken = &m.broken;
+        let failed_deploys = broken.releases.iter().filter(|r| !r.record.ok).count();
+        let kept = broken
+            .releases
+            .iter()
+            .filter(|r| !r.record.ok && r.serving_before == r.serving_after)
+            .count();
+        put!(
+            out,
+            "- C: {failed_deploys} broken releases refused, the serving generation kept in \
+             {kept} of them; {} requests failed during C.",
+            broken.tally.failed()
+        );
+        let d = &m.throughput;
+        put!(
+            out,
+            "- D: throughput under baton / alone = **{:.2}** ({:.0} vs {:.0} requests/s).",
+            rate(&d.under_baton) / rate(&d.alone),
+            rate(&d.under_baton),
+            rate(&d.alone)
+        );
+        let ready_to_drain = spread(b.records.iter().filter_map(DeployRecord::ready_to_drain));
+        put!(
+            out,
+            "- baton: READY=1 → drain signal p50 {}; {} CPU per deploy (p50); {} CPU in \
+             {:.0} s idle; RSS {} → {} and {} → {} open fds over {} deploys.\n",
+            ready_to_drain.map_or("-".into(), |s| us(s.p50)),
+            spread(b.records.iter().map(|r| r.cpu)).map_or("-".into(), |s| us(s.p50)),
+            us(b.idle_cpu),
+            b.idle_for.as_secs_f64(),
+            kib(b.before.rss_kib),
+            kib(b.after.rss_kib),
+            b.before.fds,
+            b.after.fds,
+            b.records.len()
+        );
+    }
+
+    fn method(&self, out: &mut String) {
+        let p = self.plan;
+        put!(out, "## Method\n");
+        put!(
+            out,
+            "- Load: closed loop on 127.0.0.1, {} clients each sending `GET /` on a fresh \
+             connection (`Connection: close`) and {} keep-alive client(s). Every request has a \
+             {} s timeout. After a failure a client waits {} ms before its next request (as a \
+             retrying client would), so failure counts measure how long an outage lasts, not how \
+             fast a refused `connect()` returns.",
+            p.mix.fresh,
+            p.mix.keep_alive,
+            load::REQUEST_TIMEOUT.as_secs(),
+            load::FAILURE_PAUSE.as_millis()
+        );
+        put!(
+            out,
+            "- Outcomes: ok (`200` with `generation=<n>`), refused, reset (reset or closed before \
+             a complete response), timed out, wrong (another answer), other (a local error). A \
+             keep-alive request is sent again once, on a new connection, only when a reused \
+             connection closed before any byte of the response; such retries are counted."
+        );
+        put!(
+            out,
+            "- The app is `examples/hello` with a {} ms boot delay (`HELLO_BOOT_DELAY_MS`) in A, \
+             B and C. A: it binds its port itself; each restart sends SIGTERM, waits for the exit \
+             and starts it again, like `systemctl restart`. B: it runs under `baton run`, each \
+             deploy is `baton reload --wait` (spoken directly on the control socket).",
+            BOOT_DELAY.as_millis()
+        );
+        put!(
+            out,
+            "- {} of load between restarts / deploys. Latencies are from the start of a request \
+             to its complete response, answered requests only, in HDR histograms.",
+            secs(p.spacing)
+        );
+        put!(
+            out,
+            "- The load generator runs on one thread; a heartbeat task measures how late its \
+             event loop wakes up. On a busy machine it is held up at times: a silence or a \
+             latency no longer than that may be the bench's own, not the server's."
+        );
+        put!(
+            out,
+            "- baton's timings come from its JSON log (`--log-format json`, µs timestamps) and the \
+             bench's clock (same wall clock); its CPU time from `/proc/<pid>/task/*/schedstat` \
+             (ns), RSS from `VmRSS`, fds from `/proc/<pid>/fd`.\n"
+        );
+    }
+
+    fn restarts_and_deploys(&self, out: &mut String) {
+        let (a, b) = (&self.measured.baseline, &self.measured.deploys);
+        put!(out, "## A and B: requests during restarts and deploys\n");
+        put!(out, "| scenario | client | ok | refused | reset | timed out | wrong | other | latency p50 / p99 / p99.9 / max |");
+        put!(
+            out,
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+        );
+        for (name, tally) in [("A", &a.trace.tally), ("B", &b.trace.tally)] {
+            stats_row(out, name, "fresh connection", &tally.fresh);
+            stats_row(out, name, "keep-alive", &tally.keep_alive);
+        }
+        put!(out);
+        put!(
+            out,
+            "Keep-alive retries (reused connection closed before any response byte): A {}, B {}.\n",
+            a.trace.tally.retried,
+            b.trace.tally.retried
+        );
+        if let Some(outage) = spread(a.outages.iter().copied()) {
+            put!(
+                out,
+                "A, from SIGTERM to the new process answering: p50 {}, max {} (of which {} ms is \
+                 the app's boot delay, during which connections wait in the new listener's \
+                 backlog).\n",
+                ms(outage.p50),
+                ms(outage.max),
+                BOOT_DELAY.as_millis()
+            );
+        }
+        errors(out, "A", &a.trace.tally);
+        errors(out, "B", &b.trace.tally);
+    }
+
+    fn broken(&self, out: &mut String) {
+        let c = &self.measured.broken;
+        put!(out, "## C: broken releases under baton\n");
+        put!(
+            out,
+            "Readiness deadline {} s. `crash` exits with code 3 after its boot delay; \
+             `never-ready` holds the sockets and never sends READY=1.\n",
+            BROKEN_READINESS.as_secs()
+        );
+        put!(out, "| release | outcome (baton's words) | reload → outcome | serving generation before → after |");
+        put!(out, "| --- | --- | ---: | --- |");
+        for r in &c.releases {
+            put!(
+                out,
+                "| {} | {} | {} | {} → {} |",
+                r.name,
+                r.record.outcome,
+                r.record.took().map_or("-".into(), ms),
+                generation(r.serving_before),
+                generation(r.serving_after)
+            );
+        }
+        put!(out);
+        put!(
+            out,
+            "Requests during C: {} answered, {} failed (refused {}, reset {}, timed out {}, wrong \
+             {}, other {}), {} keep-alive retries.\n",
+            c.tally.ok(),
+            c.tally.failed(),
+            c.tally.all().refused,
+            c.tally.all().reset,
+            c.tally.all().timed_out,
+            c.tally.all().wrong,
+            c.tally.all().other,
+            c.tally.retried
+        );
+        errors(out, "C", &c.tally);
+    }
+
+    fn scale(&self, out: &mut String) {
+        put!(out, "## E: scale with the number of listeners\n");
+        put!(
+            out,
+            "Workers per generation: 1 (baton runs one process per generation). The app boots at \
+             once and no load is applied: what grows is baton's own work. {} deploys per row.\n",
+            self.plan.scale_deploys
+        );
+        put!(out, "| listeners | bound / answering | reload → outcome p50 / max | request → spawned p50 | READY → drain p50 | baton CPU per deploy p50 | baton RSS | baton fds |");
+        put!(out, "| ---: | --- | --- | ---: | ---: | ---: | --- | --- |");
+        for run in &self.measured.scale {
+            scale_row(out, run);
+        }
+        put!(out);
+    }
+}
+
+fn stats_row(out: &mut String, scenario: &str, client: &str, s: &Stats) {
+    put!(
+        out,
+        "| {scenario} | {client} | {} | {} | {} | {} | {} | {} | {} |",
+        s.ok,
+        s.refused,
+        s.reset,
+        s.timed_out,
+        s.wrong,
+        s.other,
+        latency(&s.latency)
+    );
+}
+
+fn errors(out: &mut String, scenario: &str, tally: &Tally) {
+    if tally.errors.is_empty() {
+        return;
+    }
+    let mut errors: Vec<(&String, &u64)> = tally.errors.iter().collect();
+    errors.sort_by(|x, y| y.1.cmp(x.1));
+    put!(out, "Errors seen in {scenario}, most frequent first:\n");
+    for (error, n) in errors.iter().take(6) {
+        put!(out, "- {n} × {error}");
+    }
+    put!(out);
+}
+
+fn throughput(out: &mut String, d: &Throughput) {
+    put!(out, "## D: throughput, the app alone vs under baton\n");
+    put!(
+        out,
+        "Both run at the same time; the load alternates between them, round by round, in \
+         ABBA order. baton is not in the data path: the app accepts from the kernel directly.\n"
+    );
+    put!(out, "| | app alone | app under baton | ratio |");
+    put!(out, "| --- | ---: | ---: | ---: |");
+    put!(
+        out,
+        "| answered requests/s | {:.0} | {:.0} | **{:.2}** |",
+        rate(&d.alone),
+        rate(&d.under_baton),
+        rate(&d.under_baton) / rate(&d.alone)
+    );
+    let rows: [(&str, StatsOf); 2] = [
+        ("fresh connection", |t| &t.fresh),
+        ("keep-alive", |t| &t.keep_alive),
+    ];
+    for (name, stats) in rows {
+        let (alone, baton) = (stats(&d.alone), stats(&d.under_baton));
+        for (q, label) in [(0.5, "p50"), (0.99, "p99"), (0.999, "p99.9")] {
+            let (x, y) = (quantile(&alone.latency, q), quantile(&baton.latency, q));
+            put!(
+                out,
+                "| {name} latency {label} | {} | {} | {:.2} |",
+                ms(x),
+                ms(y),
+                y.as_secs_f64() / x.as_secs_f64().max(1e-9)
+            );
+        }
+    }
+    put!(
+        out,
+        "| failed requests | {} | {} | |",
+        d.alone.failed(),
+        d.under_baton.failed()
+    );
+    put!(out);
+    let rounds: Vec<String> = d
+        .rounds
+        .iter()
+        .map(|(alone, baton)| format!("{alone:.0} / {baton:.0}"))
+        .collect();
+    put!(
+        out,
+        "Requests/s per round (alone / under baton): {}.\n",
+        rounds.join(", ")
+    );
+}
+
+fn scale_row(out: &mut String, run: &Scale) {
+    let took = spread(run.records.iter().filter_map(DeployRecord::took));
+    let p50 =
+        |f: Figure| spread(run.records.iter().filter_map(f)).map_or("-".into(), |s| us(s.p50));
+    put!(
+        out,
+        "| {} | {} / {} | {} | {} | {} | {} | {} → {} | {} → {} |",
+        run.listeners,
+        run.bound,
+        run.answering,
+        took.map_or("-".into(), |s| format!("{} / {}", ms(s.p50), ms(s.max))),
+        p50(DeployRecord::request_to_spawn),
+        p50(DeployRecord::ready_to_drain),
+        p50(|r| Some(r.cpu)),
+        kib(run.start.rss_kib),
+        kib(run.end.rss_kib),
+        run.start.fds,
+        run.end.fds
+    );
+}
+
+fn supervisor(out: &mut String, b: &Deploys, d: &Throughput) {
+    put!(out, "## baton's own figures (from B)\n");
+    put!(out, "| per deploy | p50 | p99 | max | n |");
+    put!(out, "| --- | ---: | ---: | ---: | ---: |");
+    let rows: [(&str, Figure, Unit); 6] = [
+        (
+            "reload request → candidate spawned (fork/exec returned)",
+            DeployRecord::request_to_spawn,
+            us,
+        ),
+        (
+            "of which inside baton: deploy start → spawned",
+            DeployRecord::fork_exec,
+            us,
+        ),
+        (
+            "**READY=1 processed → drain signal sent** (supervisor overhead)",
+            DeployRecord::ready_to_drain,
+            us,
+        ),
+        (
+            "reload request → outcome (`reload --wait` returns; includes the app's boot)",
+            DeployRecord::took,
+            ms,
+        ),
+        (
+            "drain signal → old generation exited",
+            DeployRecord::drain,
+            ms,
+        ),
+        (
+            "baton CPU time, request → old generation reaped",
+            |r| Some(r.cpu),
+            us,
+        ),
+    ];
+    for (name, figure, unit) in rows {
+        match spread(b.records.iter().filter_map(figure)) {
+            Some(s) => put!(
+                out,
+                "| {name} | {} | {} | {} | {} |",
+                unit(s.p50),
+                unit(s.p99),
+                unit(s.max),
+                s.n
+            ),
+            None => put!(out, "| {name} | - | - | - | 0 |"),
+        }
+    }
+    put!(out);
+    put!(out, "| baton process | |");
+    put!(out, "| --- | ---: |");
+    put!(
+        out,
+        "| CPU time over {:.1} s idle (app serving, no load, no deploy) | {} |",
+        b.idle_for.as_secs_f64(),
+        us(b.idle_cpu)
+    );
+    put!(
+        out,
+        "| CPU time during D ({:.0} s; its app under load half of it, no deploy) | {} |",
+        d.baton_over.as_secs_f64(),
+        us(d.baton_cpu)
+    );
+    put!(
+        out,
+        "| RSS before → after {} deploys | {} → {} |",
+        b.records.len(),
+        kib(b.before.rss_kib),
+        kib(b.after.rss_kib)
+    );
+    put!(
+        out,
+        "| open fds before → after {} deploys | {} → {} |\n",
+        b.records.len(),
+        b.before.fds,
+        b.after.fds
+    );
+    put!(
+        out,
+        "\"READY=1 processed\" is when baton logs \"generation N is ready\", i.e. when it has \
+         read the datagram, not when the app sent it.\n"
+    );
+}
+
+fn timeline(out: &mut String) {
+    put!(out, "## Timeline\n");
+    put!(
+        out,
+        "![requests per 10 ms window during restarts (A) and deploys (B)](timeline.svg)\n"
+    );
+    put!(
+        out,
+        "Requests answered per {} ms window, one colour per generation that answered; failed \
+         requests in red below the axis. Vertical lines: restart / deploy start (grey), new \
+         process ready (green), old process exited (black). Under each chart, every process's \
+         life: booting (pale), serving (full colour), draining (middle). At most the first {} \
+         restarts / deploys are drawn; the tables count all of them.",
+        load::WINDOW.as_millis(),
+        crate::plot::SHOWN_CYCLES
+    );
+}
+
+/// Figures for stdout at the end of a run.
+impl Report<'_> {
+    pub fn headline(&self) -> String {
+        let m = self.measured;
+        let (a, b, d) = (&m.baseline, &m.deploys, &m.throughput);
+        let ready_to_drain = spread(b.records.iter().filter_map(DeployRecord::ready_to_drain));
+        format!(
+            "A stop-then-start: {} failed requests in {} restarts ({} per 100), longest silence {}\n\
+             B under baton:     {} failed requests in {} deploys ({} per 100), longest silence {}\n\
+             C broken releases: {} failed requests\n\
+             D throughput under baton / alone: {:.2}\n\
+             baton: READY→drain p50 {}, idle CPU {} in {:.0} s, RSS {} → {}, fds {} → {}",
+            a.trace.tally.failed(),
+            a.outages.len(),
+            per_100(a.trace.tally.failed(), a.outages.len()),
+            silence(&a.trace, "restart"),
+            b.trace.tally.failed(),
+            b.records.len(),
+            per_100(b.trace.tally.failed(), b.records.len()),
+            silence(&b.trace, "deploy"),
+            m.broken.tally.failed(),
+            rate(&d.under_baton) / rate(&d.alone),
+            ready_to_drain.map_or("-".into(), |s| us(s.p50)),
+            us(b.idle_cpu),
+            b.idle_for.as_secs_f64(),
+            kib(b.before.rss_kib),
+            kib(b.after.rss_kib),
+            b.before.fds,
+            b.after.fds
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The machine
+// ---------------------------------------------------------------------------
+
+pub struct Machine {
+    cpu: String,
+    cores: usize,
+    memory: String,
+    kernel: String,
+    load: String,
+    baton: String,
+}
+
+impl Machine {
+    /// Read before the bench loads the machine (for the load average).
+    pub fn describe() -> Machine {
+        let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+        let cpuinfo = read("/proc/cpuinfo");
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map_or("unknown", |v| v.trim_start_matches([' ', '\t', ':']));
+        let memory = read("/proc/meminfo")
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .map_or("unknown".into(), kib);
+        let load = read("/proc/loadavg");
+        let load: Vec<&str> = load.split_whitespace().take(3).collect();
+        Machine {
+            cpu: cpu.to_owned(),
+            cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            memory,
+            kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
+            load: load.join(" "),
+            baton: baton_version(),
+        }
+    }
+
+    fn render(&self, out: &mut String) {
+        put!(out, "## Machine\n");
+        put!(out, "| | |\n| --- | --- |");
+        put!(out, "| CPU | {} |", self.cpu);
+        put!(out, "| cores available | {} |", self.cores);
+        put!(out, "| memory | {} |", self.memory);
+        put!(out, "| kernel | Linux {} |", self.kernel);
+        put!(
+            out,
+            "| load average before the run (1, 5, 15 min) | {} |",
+            self.load
+        );
+        put!(out, "| baton | {} |\n", self.baton);
+    }
+}
+
+/// The version, the git commit when the source tree is at hand, and the
+/// build profile (a debug build's figures mean little).
+fn baton_version() -> String {
+    let git = std::process::Command::new("git")
+        .args([
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "describe",
+            "--always",
+            "--dirty",
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    let profile = if cfg!(debug_assertions) {
+        "**debug build: rerun with --release**"
+    } else {
+        "release build"
+    };
+    match git {
+        Some(commit) => format!("{} (commit {commit}), {profile}", env!("CARGO_PKG_VERSION")),
+        None => format!("{}, {profile}", env!("CARGO_PKG_VERSION")),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Numbers
+// ---------------------------------------------------------------------------
+
+/// Nearest-rank percentiles of a few samples.
+#[derive(Debug, Clone, Copy)]
+pub struct Spread {
+    pub p50: Duration,
+    pub p99: Duration,
+    pub max: Duration,
+    pub n: usize,
+}
+
+pub fn spread(values: impl Iterator<Item = Duration>) -> Option<Spread> {
+    let mut values: Vec<Duration> = values.collect();
+    if values.is_empty() {
+        return None;
+    }
+    values.sort();
+    let rank =
+        |q: f64| values[((q * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1];
+    Some(Spread {
+        p50: rank(0.5),
+        p99: rank(0.99),
+        max: values[values.len() - 1],
+        n: values.len(),
+    })
+}
+
+/// A request slower than this was felt by its user, failed or not.
+const SLOW: Duration = Duration::from_millis(100);
+
+fn slower_than(h: &Histogram<u64>, limit: Duration) -> u64 {
+    let limit = u64::try_from(limit.as_micros()).unwrap_or(u64::MAX);
+    if h.max() <= limit {
+        return 0;
+    }
+    h.count_between(limit + 1, h.max())
+}
+
+fn quantile(h: &Histogram<u64>, q: f64) -> Duration {
+    Duration::from_micros(h.value_at_quantile(q))
+}
+
+fn latency(h: &Histogram<u64>) -> String {
+    if h.is_empty() {
+        return "-".into();
+    }
+    format!(
+        "{} / {} / {} / {}",
+        ms(quantile(h, 0.5)),
+        ms(quantile(h, 0.99)),
+        ms(quantile(h, 0.999)),
+        ms(Duration::from_micros(h.max()))
+    )
+}
+
+/// Answered requests per second.
+fn rate(tally: &Tally) -> f64 {
+    tally.ok() as f64 / tally.elapsed.as_secs_f64().max(1e-9)
+}
+
+fn per_100(failed: u64, cycles: usize) -> String {
+    if cycles == 0 {
+        return "-".into();
+    }
+    format!("{:.0}", failed as f64 * 100.0 / cycles as f64)
+}
+
+/// The longest silence of a trace, and whether a restart or deploy (`what`)
+/// was in progress then.
+fn silence(trace: &Trace, what: &str) -> String {
+    let Some((at, length)) = trace.longest_silence() else {
+        return format!(
+            "none (every {} ms window had answers)",
+            load::WINDOW.as_millis()
+        );
+    };
+    let when = match trace.cycle_during(at, at + length.as_secs_f64()) {
+        Some(n) => format!("during {what} {n}"),
+        None => format!("between {what}s"),
+    };
+    format!("{} ms at {at:.2} s, {when}", length.as_millis())
+}
+
+fn stall(tally: &Tally) -> String {
+    format!("{} (at {:.2} s)", ms(tally.stall.late), tally.stall.at)
+}
+
+fn generation(g: Option<u64>) -> String {
+    g.map_or("none".into(), |g| g.to_string())
+}
+
+pub fn ms(d: Duration) -> String {
+    let ms = d.as_secs_f64() * 1000.0;
+    if ms < 10.0 {
+        format!("{ms:.2} ms")
+    } else {
+        format!("{ms:.0} ms")
+    }
+}
+
+pub fn us(d: Duration) -> String {
+    format!("{} µs", d.as_micros())
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+fn kib(kib: u64) -> String {
+    if kib >= 10 * 1024 {
+        format!("{:.0} MiB", kib as f64 / 1024.0)
+    } else {
+        format!("{:.1} MiB", kib as f64 / 1024.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let ms = Duration::from_millis;
+        let s = spread((1..=100).map(ms)).unwrap();
+        assert_eq!((s.p50, s.p99, s.max, s.n), (ms(50), ms(99), ms(100), 100));
+        let s = spread([ms(3), ms(1), ms(2)].into_iter()).unwrap();
+        assert_eq!((s.p50, s.p99, s.max), (ms(2), ms(3), ms(3)));
+        assert!(spread(std::iter::empty()).is_none());
+    }
+}

@@ -1,0 +1,680 @@
+//! The five scenarios. Each starts what it needs, drives it and returns its
+//! figures; the guards stop what it started when it returns, also on error.
+//! Every loop is bounded in count (the plan) and in time (`plan.limit`):
+//! a scenario past its time stops early and the report says how far it got.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::time::sleep;
+
+use crate::load::{self, Load, Tally};
+use crate::procs::{cpu_time, App, Baton, Footprint, Mark, Setup};
+use crate::report::ms;
+use crate::{Context, Env, Error, Result};
+
+/// The example app's boot time in A, B and C (`HELLO_BOOT_DELAY_MS`): real
+/// apps are not ready at once, and it makes the overlap of two generations
+/// during a deploy visible on the timeline.
+pub const BOOT_DELAY: Duration = Duration::from_millis(200);
+/// Readiness deadline in Scenario C (a never-ready release waits it out).
+pub const BROKEN_READINESS: Duration = Duration::from_secs(1);
+/// Readiness deadline everywhere else.
+pub const READINESS: Duration = Duration::from_secs(10);
+/// Listeners per baton in Scenario E.
+pub const LISTENER_COUNTS: [usize; 3] = [1, 8, 64];
+/// Bounds on single waits: a process starting, exiting, a log line.
+const START_LIMIT: Duration = Duration::from_secs(15);
+const EXIT_LIMIT: Duration = Duration::from_secs(15);
+const MARK_LIMIT: Duration = Duration::from_secs(5);
+/// Load clients stop by themselves this long after a scenario's limit, in
+/// case nobody stops them.
+const LOAD_SLACK: Duration = Duration::from_secs(60);
+
+/// Relates both clocks to one origin: the load's windows count on the
+/// monotonic clock, baton's log carries wall-clock timestamps.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    pub origin: Instant,
+    wall: SystemTime,
+}
+
+impl Clock {
+    pub fn start() -> Clock {
+        Clock {
+            origin: Instant::now(),
+            wall: SystemTime::now(),
+        }
+    }
+
+    /// Seconds from the origin to `at`.
+    pub fn since(&self, at: Instant) -> f64 {
+        at.saturating_duration_since(self.origin).as_secs_f64()
+    }
+
+    /// Seconds from the origin to a wall-clock moment (negative if before).
+    pub fn wall(&self, at: SystemTime) -> f64 {
+        match at.duration_since(self.wall) {
+            Ok(after) => after.as_secs_f64(),
+            Err(before) => -before.duration().as_secs_f64(),
+        }
+    }
+}
+
+/// One restart (A) or deploy (B), in seconds since the load's origin.
+#[derive(Debug, Clone)]
+pub struct Cycle {
+    /// SIGTERM sent (A) or reload requested (B).
+    pub start: f64,
+    /// The new process answers (A) or baton got its READY=1 (B).
+    pub ready: Option<f64>,
+    /// The old process has exited.
+    pub drain_end: Option<f64>,
+}
+
+/// One process's life, in seconds since the load's origin.
+#[derive(Debug, Clone)]
+pub struct Lifespan {
+    pub generation: u64,
+    pub spawned: f64,
+    pub ready: Option<f64>,
+    /// Told to stop (SIGTERM).
+    pub drain: Option<f64>,
+    pub exited: Option<f64>,
+}
+
+/// What the timeline of A or B shows.
+#[derive(Debug, Clone)]
+pub struct Trace {
+    pub tally: Tally,
+    pub cycles: Vec<Cycle>,
+    pub lifespans: Vec<Lifespan>,
+    /// Seconds from the origin (the start of the load) to its stop.
+    pub end: f64,
+}
+
+impl Trace {
+    /// The longest time in which no request was answered, if there was
+    /// one: when it began (seconds) and how long it lasted.
+    pub fn longest_silence(&self) -> Option<(f64, Duration)> {
+        let window = load::WINDOW.as_secs_f64();
+        // Whole windows only: the one the load stopped in is cut short.
+        let end = (self.end / window) as u32;
+        let (first, windows) = self.tally.timeline.longest_silence(0, end)?;
+        Some((f64::from(first) * window, load::WINDOW * windows))
+    }
+
+    /// The number (from 1) of the restart or deploy in progress at some
+    /// point of `[from, to]` seconds, if any.
+    pub fn cycle_during(&self, from: f64, to: f64) -> Option<usize> {
+        let resolution = load::WINDOW.as_secs_f64();
+        let position = self.cycles.iter().position(|c| {
+            let end = [c.ready, c.drain_end]
+                .into_iter()
+                .flatten()
+                .fold(c.start, f64::max);
+            c.start <= to + resolution && end + resolution >= from
+        });
+        position.map(|i| i + 1)
+    }
+}
+
+/// What one deploy looked like, from the bench and from baton's log.
+#[derive(Debug, Clone)]
+pub struct DeployRecord {
+    pub ok: bool,
+    /// baton's words for the outcome.
+    pub outcome: String,
+    /// The bench's clock just before the reload request went out.
+    pub requested: SystemTime,
+    /// The outcome arrived (where `baton reload --wait` returns).
+    pub done: SystemTime,
+    pub starting: Option<SystemTime>,
+    pub spawned: Option<SystemTime>,
+    pub ready: Option<SystemTime>,
+    /// The drain signal went to the generation that had to go.
+    pub drain_sent: Option<SystemTime>,
+    /// The generation that had to go has exited: the old one after a
+    /// success, the candidate after a failure.
+    pub gone: Option<SystemTime>,
+    /// baton's CPU time from just before the request until `gone`.
+    pub cpu: Duration,
+}
+
+impl DeployRecord {
+    pub fn took(&self) -> Option<Duration> {
+        between(self.requested, Some(self.done))
+    }
+
+    /// From the bench's request to fork/exec returning in baton.
+    pub fn request_to_spawn(&self) -> Option<Duration> {
+        between(self.requested, self.spawned)
+    }
+
+    /// Inside baton: deciding to start → fork/exec returned.
+    pub fn fork_exec(&self) -> Option<Duration> {
+        between(self.starting?, self.spawned)
+    }
+
+    /// Inside baton: READY=1 processed → drain signal sent.
+    pub fn ready_to_drain(&self) -> Option<Duration> {
+        between(self.ready?, self.drain_sent)
+    }
+
+    /// Drain signal → the drained process exited.
+    pub fn drain(&self) -> Option<Duration> {
+        between(self.drain_sent?, self.gone)
+    }
+
+    fn cycle(&self, clock: &Clock) -> Cycle {
+        Cycle {
+            start: clock.wall(self.requested),
+            ready: self.ready.map(|at| clock.wall(at)),
+            drain_end: self.gone.map(|at| clock.wall(at)),
+        }
+    }
+}
+
+fn between(from: SystemTime, to: Option<SystemTime>) -> Option<Duration> {
+    to?.duration_since(from).ok()
+}
+
+/// Everything measured, for the report.
+pub struct Measurements {
+    pub baseline: Baseline,
+    pub deploys: Deploys,
+    pub broken: Broken,
+    pub throughput: Throughput,
+    pub scale: Vec<Scale>,
+}
+
+pub async fn run_all(env: &Env) -> Result<Measurements> {
+    let plan = &env.plan;
+    println!(
+        "A: the app alone, restarted stop-then-start {} times under load",
+        plan.restarts
+    );
+    let baseline = baseline(env).await?;
+    println!("   {}", summary(&baseline.trace.tally));
+    println!(
+        "B: the app under baton, {} deploys under load",
+        plan.deploys
+    );
+    let deploys = deploys(env).await?;
+    println!("   {}", summary(&deploys.trace.tally));
+    println!(
+        "C: broken releases under baton, {} of each kind",
+        plan.broken_each
+    );
+    let broken = broken(env).await?;
+    println!("   {}", summary(&broken.tally));
+    println!(
+        "D: throughput, app alone vs under baton, {} rounds",
+        plan.rounds
+    );
+    let throughput = throughput(env).await?;
+    println!(
+        "E: scale: {LISTENER_COUNTS:?} listeners, {} deploys each",
+        plan.scale_deploys
+    );
+    let scale = scale(env).await?;
+    Ok(Measurements {
+        baseline,
+        deploys,
+        broken,
+        throughput,
+        scale,
+    })
+}
+
+fn summary(tally: &Tally) -> String {
+    format!(
+        "{} requests answered, {} failed, {} keep-alive retries",
+        tally.ok(),
+        tally.failed(),
+        tally.retried
+    )
+}
+
+// ---------------------------------------------------------------------------
+// A: stop-then-start
+// ---------------------------------------------------------------------------
+
+pub struct Baseline {
+    pub trace: Trace,
+    pub planned: usize,
+    /// Per restart: SIGTERM sent → the new process answers.
+    pub outages: Vec<Duration>,
+}
+
+/// The app binding its port itself, restarted the way `systemctl restart`
+/// does it: stop, wait for the exit, start.
+async fn baseline(env: &Env) -> Result<Baseline> {
+    let plan = &env.plan;
+    let address = free_port()?;
+    let mut app = App::start(&env.hello, address, Some(1), BOOT_DELAY)?;
+    wait_answering(&mut app, address).await?;
+    // The timeline starts with the load; the first process already serves.
+    let clock = Clock::start();
+    let mut lives = vec![lifespan(1, 0.0, Some(0.0))];
+    let load = Load::start(address, plan.mix, clock.origin, plan.limit + LOAD_SLACK);
+    let deadline = Instant::now() + plan.limit;
+    let (mut cycles, mut outages) = (Vec::new(), Vec::new());
+    for restart in 1..=plan.restarts {
+        sleep(plan.spacing).await;
+        if Instant::now() >= deadline {
+            break;
+        }
+        let stopped = Instant::now();
+        app.terminate()?;
+        let exited = app.wait_exit(EXIT_LIMIT).await?;
+        let generation = restart as u64 + 1;
+        app = App::start(&env.hello, address, Some(generation), BOOT_DELAY)?;
+        let spawned = Instant::now();
+        let answering = wait_answering(&mut app, address).await?;
+        if let Some(old) = lives.last_mut() {
+            old.drain = Some(clock.since(stopped));
+            old.exited = Some(clock.since(exited));
+        }
+        let ready = Some(clock.since(answering));
+        lives.push(lifespan(generation, clock.since(spawned), ready));
+        cycles.push(Cycle {
+            start: clock.since(stopped),
+            ready,
+            drain_end: Some(clock.since(exited)),
+        });
+        outages.push(answering - stopped);
+        println!(
+            "   restart {restart}/{}: answering again {} after SIGTERM",
+            plan.restarts,
+            ms(answering - stopped)
+        );
+    }
+    sleep(plan.spacing).await;
+    let end = clock.since(Instant::now());
+    let tally = load.stop().await?;
+    let trace = Trace {
+        tally,
+        cycles,
+        lifespans: lives,
+        end,
+    };
+    Ok(Baseline {
+        trace,
+        planned: plan.restarts,
+        outages,
+    })
+}
+
+fn lifespan(generation: u64, spawned: f64, ready: Option<f64>) -> Lifespan {
+    Lifespan {
+        generation,
+        spawned,
+        ready,
+        drain: None,
+        exited: None,
+    }
+}
+
+/// A loopback address with a port nobody listens on right now. (The port
+/// may be taken again before the app binds it; the app then exits and the
+/// bench says so.)
+fn free_port() -> Result<SocketAddr> {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").context(|| "cannot bind 127.0.0.1:0")?;
+    listener.local_addr().context(|| "getsockname")
+}
+
+/// Polls with GETs until the app answers one; when it did.
+async fn wait_answering(app: &mut App, address: SocketAddr) -> Result<Instant> {
+    let deadline = Instant::now() + START_LIMIT;
+    loop {
+        let answer = load::probe(address).await;
+        if answer.is_ok() {
+            return Ok(Instant::now());
+        }
+        app.check_running()?;
+        if Instant::now() >= deadline {
+            return Err(Error::Bench(format!(
+                "the example app did not answer on {address} within {START_LIMIT:?}: {answer:?}"
+            )));
+        }
+        sleep(Duration::from_millis(2)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// B: deploys under baton
+// ---------------------------------------------------------------------------
+
+pub struct Deploys {
+    pub trace: Trace,
+    pub planned: usize,
+    pub records: Vec<DeployRecord>,
+    /// baton's CPU time while nothing happened, and over how long.
+    pub idle_cpu: Duration,
+    pub idle_for: Duration,
+    /// baton before the first deploy and after the last.
+    pub before: Footprint,
+    pub after: Footprint,
+}
+
+async fn deploys(env: &Env) -> Result<Deploys> {
+    let plan = &env.plan;
+    let mut baton = Baton::start(&env.baton, &env.dir("deploys"), &env.setup(BOOT_DELAY)).await?;
+    let address = first_address(&mut baton).await?;
+    let idle_started = Instant::now();
+    let idle_before = cpu_time(baton.pid())?;
+    sleep(plan.idle).await;
+    let idle_cpu = cpu_time(baton.pid())?.saturating_sub(idle_before);
+    let idle_for = idle_started.elapsed();
+    let before = Footprint::of(baton.pid())?;
+
+    let clock = Clock::start();
+    let load = Load::start(address, plan.mix, clock.origin, plan.limit + LOAD_SLACK);
+    let deadline = Instant::now() + plan.limit;
+    let mut records = Vec::new();
+    for n in 1..=plan.deploys {
+        sleep(plan.spacing).await;
+        if Instant::now() >= deadline {
+            break;
+        }
+        let record = deploy(&mut baton).await?;
+        if n % plan.print_every == 0 || n == plan.deploys {
+            println!("   deploy {n}/{}: {}", plan.deploys, record.outcome);
+        }
+        records.push(record);
+    }
+    sleep(plan.spacing).await;
+    let end = clock.since(Instant::now());
+    let tally = load.stop().await?;
+    let after = Footprint::of(baton.pid())?;
+    let trace = Trace {
+        tally,
+        cycles: records.iter().map(|r| r.cycle(&clock)).collect(),
+        lifespans: lifespans(&baton, &clock),
+        end,
+    };
+    Ok(Deploys {
+        trace,
+        planned: plan.deploys,
+        records,
+        idle_cpu,
+        idle_for,
+        before,
+        after,
+    })
+}
+
+async fn first_address(baton: &mut Baton) -> Result<SocketAddr> {
+    let addresses = baton.addresses().await?;
+    addresses
+        .first()
+        .copied()
+        .ok_or_else(|| Error::Bench("baton reports no listener".into()))
+}
+
+/// One `reload --wait`, followed until the generation that had to go has
+/// exited (baton reaps it: that is part of the deploy's CPU time).
+pub async fn deploy(baton: &mut Baton) -> Result<DeployRecord> {
+    let cpu_before = cpu_time(baton.pid())?;
+    let exchange = baton.reload().await?;
+    let (generation, _) = exchange.started().ok_or_else(|| {
+        Error::Bench(format!(
+            "reload: no candidate started ({} replies)",
+            exchange.replies.len()
+        ))
+    })?;
+    let (done, ok, outcome) = exchange
+        .done()
+        .ok_or_else(|| Error::Bench("reload: no outcome".into()))?;
+    let leaving = if ok {
+        exchange.draining().map(|(old, _)| old)
+    } else {
+        Some(generation)
+    };
+    let spawned = Some(
+        baton
+            .wait_mark(generation, Mark::Spawned, MARK_LIMIT)
+            .await?,
+    );
+    let gone = match leaving {
+        Some(g) => Some(baton.wait_mark(g, Mark::Exited, EXIT_LIMIT).await?),
+        None => None,
+    };
+    let cpu = cpu_time(baton.pid())?.saturating_sub(cpu_before);
+    Ok(DeployRecord {
+        ok,
+        outcome,
+        requested: exchange.sent,
+        done,
+        starting: baton.mark(generation, Mark::Starting),
+        spawned,
+        ready: baton.mark(generation, Mark::Ready),
+        drain_sent: leaving.and_then(|g| baton.mark(g, Mark::Draining)),
+        gone,
+        cpu,
+    })
+}
+
+/// Every generation's life, from baton's log.
+fn lifespans(baton: &Baton, clock: &Clock) -> Vec<Lifespan> {
+    let at = |g, mark| baton.mark(g, mark).map(|t| clock.wall(t));
+    baton
+        .generations()
+        .into_iter()
+        .filter_map(|g| {
+            Some(Lifespan {
+                generation: g,
+                spawned: at(g, Mark::Spawned)?,
+                ready: at(g, Mark::Ready),
+                drain: at(g, Mark::Draining),
+                exited: at(g, Mark::Exited),
+            })
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// C: broken releases
+// ---------------------------------------------------------------------------
+
+pub struct Broken {
+    pub releases: Vec<Release>,
+    pub tally: Tally,
+}
+
+pub struct Release {
+    pub name: &'static str,
+    pub record: DeployRecord,
+    /// The generation in state "ready" before and after the deploy.
+    pub serving_before: Option<u64>,
+    pub serving_after: Option<u64>,
+}
+
+/// Releases that crash before ready or never become ready, then a good one
+/// again, all under load.
+async fn broken(env: &Env) -> Result<Broken> {
+    let plan = &env.plan;
+    let good = Setup {
+        readiness_timeout: BROKEN_READINESS,
+        ..env.setup(BOOT_DELAY)
+    };
+    let mut baton = Baton::start(&env.baton, &env.dir("broken"), &good).await?;
+    let address = first_address(&mut baton).await?;
+    let clock = Clock::start();
+    let load = Load::start(address, plan.mix, clock.origin, plan.limit + LOAD_SLACK);
+    let deadline = Instant::now() + plan.limit;
+    let kinds = [
+        ("crash before ready", "crash"),
+        ("never ready", "never-ready"),
+    ];
+    let broken = kinds
+        .iter()
+        .flat_map(|&kind| std::iter::repeat_n(kind, plan.broken_each));
+    let mut releases = Vec::new();
+    for (name, fail) in broken {
+        if Instant::now() >= deadline {
+            break;
+        }
+        let setup = Setup {
+            fail: Some(fail),
+            ..good.clone()
+        };
+        releases.push(release(&mut baton, name, &setup, plan.spacing).await?);
+    }
+    releases.push(release(&mut baton, "good release after them", &good, plan.spacing).await?);
+    sleep(plan.spacing).await;
+    let tally = load.stop().await?;
+    Ok(Broken { releases, tally })
+}
+
+async fn release(
+    baton: &mut Baton,
+    name: &'static str,
+    setup: &Setup,
+    spacing: Duration,
+) -> Result<Release> {
+    sleep(spacing).await;
+    baton.rewrite(setup)?;
+    let serving_before = baton.serving().await?;
+    let record = deploy(baton).await?;
+    let serving_after = baton.serving().await?;
+    println!("   {name}: {}", record.outcome);
+    Ok(Release {
+        name,
+        record,
+        serving_before,
+        serving_after,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// D: throughput, alone vs under baton
+// ---------------------------------------------------------------------------
+
+pub struct Throughput {
+    pub alone: Tally,
+    pub under_baton: Tally,
+    /// Answers per second in each round: (alone, under baton).
+    pub rounds: Vec<(f64, f64)>,
+    /// baton's CPU time over the whole scenario, and how long that was.
+    pub baton_cpu: Duration,
+    pub baton_over: Duration,
+}
+
+/// Both run at once, idle when not measured; the load alternates between
+/// them (ABBA order) so drift on a noisy machine hits both alike.
+async fn throughput(env: &Env) -> Result<Throughput> {
+    let plan = &env.plan;
+    let alone_address = free_port()?;
+    let mut app = App::start(&env.hello, alone_address, None, Duration::ZERO)?;
+    wait_answering(&mut app, alone_address).await?;
+    let mut baton = Baton::start(
+        &env.baton,
+        &env.dir("throughput"),
+        &env.setup(Duration::ZERO),
+    )
+    .await?;
+    let baton_address = first_address(&mut baton).await?;
+    let started = Instant::now();
+    let cpu_before = cpu_time(baton.pid())?;
+
+    let mut sides = [Tally::default(), Tally::default()];
+    let mut rounds = Vec::new();
+    for round in 0..plan.rounds {
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        let mut rps = [0.0; 2];
+        for side in order {
+            let address = [alone_address, baton_address][side];
+            let tally = measure(address, plan.mix, plan.round).await?;
+            rps[side] = tally.ok() as f64 / tally.elapsed.as_secs_f64();
+            sides[side].merge(&tally);
+            sides[side].elapsed += tally.elapsed;
+        }
+        println!(
+            "   round {}/{}: alone {:.0} req/s, under baton {:.0} req/s",
+            round + 1,
+            plan.rounds,
+            rps[0],
+            rps[1]
+        );
+        rounds.push((rps[0], rps[1]));
+    }
+    let [alone, under_baton] = sides;
+    Ok(Throughput {
+        alone,
+        under_baton,
+        rounds,
+        baton_cpu: cpu_time(baton.pid())?.saturating_sub(cpu_before),
+        baton_over: started.elapsed(),
+    })
+}
+
+async fn measure(address: SocketAddr, mix: load::Mix, over: Duration) -> Result<Tally> {
+    let load = Load::start(address, mix, Instant::now(), over + LOAD_SLACK);
+    sleep(over).await;
+    load.stop().await
+}
+
+// ---------------------------------------------------------------------------
+// E: scale
+// ---------------------------------------------------------------------------
+
+pub struct Scale {
+    pub listeners: usize,
+    /// Listeners baton reports bound.
+    pub bound: usize,
+    /// Listeners that answered a GET after the deploys.
+    pub answering: usize,
+    pub records: Vec<DeployRecord>,
+    /// baton after its first generation started, and after the deploys.
+    pub start: Footprint,
+    pub end: Footprint,
+}
+
+/// baton with 1, 8 and 64 listeners, deploying without load: what grows
+/// with the number of sockets is baton's own work.
+async fn scale(env: &Env) -> Result<Vec<Scale>> {
+    let plan = &env.plan;
+    let mut runs = Vec::new();
+    for listeners in LISTENER_COUNTS {
+        let setup = Setup {
+            listeners,
+            ..env.setup(Duration::ZERO)
+        };
+        let dir = env.dir(&format!("scale-{listeners}"));
+        let mut baton = Baton::start(&env.baton, &dir, &setup).await?;
+        // Before any control connection, which holds an fd while it lasts.
+        let start = Footprint::of(baton.pid())?;
+        let addresses = baton.addresses().await?;
+        let deadline = Instant::now() + plan.limit;
+        let mut records = Vec::new();
+        for _ in 0..plan.scale_deploys {
+            if Instant::now() >= deadline {
+                break;
+            }
+            sleep(Duration::from_millis(100)).await;
+            records.push(deploy(&mut baton).await?);
+        }
+        let end = Footprint::of(baton.pid())?;
+        let mut answering = 0;
+        for &address in &addresses {
+            answering += usize::from(load::probe(address).await.is_ok());
+        }
+        println!(
+            "   {listeners} listeners: {} deploys, {answering}/{} answering",
+            records.len(),
+            addresses.len()
+        );
+        runs.push(Scale {
+            listeners,
+            bound: addresses.len(),
+            answering,
+            records,
+            start,
+            end,
+        });
+    }
+    Ok(runs)
+}
