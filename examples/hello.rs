@@ -68,6 +68,17 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 use tokio::time::{sleep, timeout};
 
+/// Logs one line to stderr in a single write(2). stderr is shared with
+/// baton and the other generations, and `eprintln!` may split one line into
+/// several writes that interleave with theirs, garbling both.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let line = format!("hello: {}\n", format_args!($($arg)*));
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }};
+}
+
 /// Exit code when the socket-activation variables are not for us.
 const EXIT_NOT_FOR_US: i32 = 86;
 /// Largest request head (request line + headers) we accept.
@@ -104,7 +115,7 @@ async fn main() {
             () = sleep(config.boot_delay) => {}
             name = next_drain_signal(&mut signals, ignore_signals) => {
                 // Nothing is in flight yet, so draining is just leaving.
-                eprintln!("hello: {name} during boot, exiting");
+                say!("{name} during boot, exiting");
                 return;
             }
         }
@@ -113,9 +124,9 @@ async fn main() {
     match config.fault {
         Fault::Crash => die(3, "HELLO_FAIL=crash: crashing before becoming ready"),
         Fault::NeverReady => {
-            eprintln!("hello: HELLO_FAIL=never-ready: holding the sockets, never ready");
+            say!("HELLO_FAIL=never-ready: holding the sockets, never ready");
             let name = next_drain_signal(&mut signals, false).await;
-            eprintln!("hello: {name} while never ready, exiting");
+            say!("{name} while never ready, exiting");
         }
         Fault::None | Fault::IgnoreTerm => serve(listeners, app, signals, ignore_signals).await,
     }
@@ -133,7 +144,7 @@ async fn serve(listeners: Vec<Listener>, app: Arc<App>, mut signals: DrainSignal
     }
     drop(drain_rx);
 
-    eprintln!("hello: {app} serving {count} listener(s)");
+    say!("{app} serving {count} listener(s)");
     // The listeners are already listening: connections made from now on wait
     // in the kernel's backlog until the accept loops pick them up.
     notify(&format!(
@@ -142,11 +153,11 @@ async fn serve(listeners: Vec<Listener>, app: Arc<App>, mut signals: DrainSignal
     ));
 
     let name = next_drain_signal(&mut signals, ignore).await;
-    eprintln!("hello: {app} draining after {name}");
+    say!("{app} draining after {name}");
     notify("STOPPING=1");
     drain_tx.send_replace(true);
     drain_tx.closed().await;
-    eprintln!("hello: {app} exiting");
+    say!("{app} exiting");
 }
 
 /// What every response needs to know about this process.
@@ -299,10 +310,7 @@ fn take_stream_listener(fds: &mut ListenFd, index: usize) -> io::Result<Option<L
             return Ok(Some(Listener::Unix(UnixListener::from_std(listener)?)));
         }
     }
-    eprintln!(
-        "hello: ignoring fd {}: not a listening stream socket",
-        3 + index
-    );
+    say!("ignoring fd {}: not a listening stream socket", 3 + index);
     Ok(None)
 }
 
@@ -335,7 +343,7 @@ async fn accept_loop(listener: Listener, app: Arc<App>, mut drain: watch::Receiv
                 }
                 Err(e) => {
                     // E.g. out of fds: back off instead of spinning.
-                    eprintln!("hello: accept failed: {e}");
+                    say!("accept failed: {e}");
                     sleep(Duration::from_millis(100)).await;
                 }
             },
@@ -383,7 +391,7 @@ async fn next_drain_signal(signals: &mut DrainSignals, ignore: bool) -> &'static
         if !ignore {
             return name;
         }
-        eprintln!("hello: HELLO_FAIL=ignore-term: ignoring {name}");
+        say!("HELLO_FAIL=ignore-term: ignoring {name}");
     }
 }
 
@@ -402,7 +410,7 @@ fn notify(state: &str) {
         }
     });
     if let Err(e) = sent {
-        eprintln!("hello: cannot notify {path:?}: {e}");
+        say!("cannot notify {path:?}: {e}");
     }
 }
 
@@ -613,6 +621,6 @@ where
 
 /// Prints `hello: <message>` and exits with `code`.
 fn die(code: i32, message: impl Display) -> ! {
-    eprintln!("hello: {message}");
+    say!("{message}");
     std::process::exit(code)
 }
