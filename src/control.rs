@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::core::{Outcome, Progress, Status};
+use crate::core::{secs, Outcome, Progress, Status};
 
 /// Longest request line the daemon reads.
 pub const MAX_REQUEST: usize = 64 * 1024;
@@ -93,7 +93,8 @@ pub enum Reply {
     },
     Ready {
         generation: u64,
-        after_ms: u64,
+        /// Fractional milliseconds.
+        after_ms: f64,
     },
     Draining {
         generation: u64,
@@ -121,7 +122,7 @@ impl From<Progress> for Reply {
             },
             Progress::Ready { generation, after } => Reply::Ready {
                 generation,
-                after_ms: after.as_millis() as u64,
+                after_ms: fractional_ms(after),
             },
             Progress::Draining { generation, pid } => Reply::Draining {
                 generation,
@@ -161,7 +162,7 @@ pub struct GenerationDoc {
     /// "starting", "ready" or "draining".
     pub state: String,
     pub age_ms: u64,
-    pub ready_after_ms: Option<u64>,
+    pub ready_after_ms: Option<f64>,
     pub command: String,
     /// The application's own `STATUS=` text.
     pub status: Option<String>,
@@ -171,7 +172,7 @@ pub struct GenerationDoc {
 pub struct DeployDoc {
     pub ok: bool,
     pub message: String,
-    pub took_ms: u64,
+    pub took_ms: f64,
     pub ago_ms: u64,
 }
 
@@ -195,7 +196,7 @@ impl StatusDoc {
                     pid: g.pid,
                     state: g.state.to_owned(),
                     age_ms: ms(g.age),
-                    ready_after_ms: g.ready_after.map(ms),
+                    ready_after_ms: g.ready_after.map(fractional_ms),
                     command: g.command,
                     status: g.status,
                 })
@@ -207,7 +208,7 @@ impl StatusDoc {
             last_deploy: status.last_deploy.map(|(last, now)| DeployDoc {
                 ok: last.outcome.succeeded(),
                 message: last.outcome.to_string(),
-                took_ms: ms(last.took),
+                took_ms: fractional_ms(last.took),
                 ago_ms: ms(now.saturating_duration_since(last.finished)),
             }),
             listeners: listeners
@@ -221,17 +222,17 @@ impl StatusDoc {
     pub fn render(&self) -> String {
         let mut out = format!("baton pid {} ({})\n", self.pid, self.config);
         out += &format!(
-            "{:<6} {:<8} {:<9} {:>9} {:>8}  {}\n",
+            "{:<6} {:<8} {:<9} {:>9} {:>9}  {}\n",
             "GEN", "PID", "STATE", "AGE", "READY", "COMMAND"
         );
         for g in &self.generations {
             let pid = g.pid.map_or_else(|| "-".to_owned(), |p| p.to_string());
             let ready = g.ready_after_ms.map_or_else(
                 || "-".to_owned(),
-                |ms| format!("{:.2}s", ms as f64 / 1000.0),
+                |ms| secs(Duration::from_secs_f64(ms / 1000.0)),
             );
             out += &format!(
-                "{:<6} {:<8} {:<9} {:>9} {:>8}  {}\n",
+                "{:<6} {:<8} {:<9} {:>9} {:>9}  {}\n",
                 g.generation,
                 pid,
                 g.state,
@@ -262,10 +263,10 @@ impl StatusDoc {
         match &self.last_deploy {
             Some(d) => {
                 out += &format!(
-                    "last deploy: {} ({} ago, took {:.2}s)\n",
+                    "last deploy: {} ({} ago, took {})\n",
                     d.message,
                     age(d.ago_ms),
-                    d.took_ms as f64 / 1000.0
+                    secs(Duration::from_secs_f64(d.took_ms / 1000.0))
                 )
             }
             None => out += "last deploy: none since start\n",
@@ -278,6 +279,10 @@ impl StatusDoc {
         }
         out
     }
+}
+
+fn fractional_ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 fn age(ms: u64) -> String {

@@ -281,7 +281,7 @@ fn reload(path: PathBuf, wait: bool, timeout: Option<Duration>) -> u8 {
                 after_ms,
             } => println!(
                 "generation {generation} ready in {}",
-                baton::core::secs(Duration::from_millis(after_ms))
+                baton::core::secs(Duration::from_secs_f64(after_ms / 1000.0))
             ),
             Reply::Draining { generation, pid } => {
                 println!("draining generation {generation} (pid {pid})…")
