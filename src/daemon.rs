@@ -101,7 +101,7 @@ pub fn run(config_path: &Path, options: Options) -> Result<i32, DaemonError> {
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
-    let result = runtime.block_on(async {
+    runtime.block_on(async {
         let control = UnixListener::from_std(control).map_err(|source| DaemonError::Control {
             path: control_path.clone(),
             source,
@@ -129,8 +129,7 @@ pub fn run(config_path: &Path, options: Options) -> Result<i32, DaemonError> {
         let _ = std::fs::remove_file(&control_path);
         let _ = std::fs::remove_file(&notify_path);
         Ok(code)
-    });
-    result
+    })
 }
 
 /// Binds the control socket: 0600, or 0660 owned by `[control] group`; its
