@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use std::os::fd::AsFd;
 
-use common::{get_generation, Baton, Load, Setup, BATON};
+use common::{unix_get_generation, Baton, Load, Setup, BATON};
 
 /// Receives the next datagram as text.
 fn next(upstream: &UnixDatagram) -> String {
@@ -250,42 +250,47 @@ impl Drop for Reaped {
     }
 }
 
+/// Named sockets from systemd (here `systemd-socket-activate`, which binds
+/// them and starts baton on the first connection) are adopted by name, not
+/// position: the config lists them in the other order, and the app gets
+/// them in config order with matching LISTEN_FDNAMES. Unix sockets, so no
+/// port has to be guessed free.
 #[test]
-fn adopts_a_socket_from_systemd_socket_activate() {
+fn adopts_named_sockets_from_systemd_socket_activate() {
     let activate = "/usr/bin/systemd-socket-activate";
     assert!(
         std::path::Path::new(activate).exists(),
         "{activate} is missing: install Debian's `systemd` package (.ci/run does)"
     );
-    // systemd-socket-activate binds the address itself; take a free port.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let address = format!("127.0.0.1:{port}");
     let dir = tempfile::tempdir().unwrap();
+    let http = dir.path().join("http.sock");
+    let admin = dir.path().join("admin.sock");
     let config = dir.path().join("app.toml");
-    let control = dir.path().join("baton.sock");
     std::fs::write(
         &config,
         format!(
-            "[[listen]]\nname = \"http\"\naddress = \"{address}\"\n\
-             [app]\ncommand = [{:?}]\n[control]\nsocket = \"{}\"\n",
+            "[[listen]]\nname = \"admin\"\naddress = \"unix:{}\"\n\
+             [[listen]]\nname = \"http\"\naddress = \"unix:{}\"\n\
+             [app]\ncommand = [{:?}]\nenv = {{ HELLO_EXPECT_FDNAMES = \"admin:http\" }}\n\
+             [control]\nsocket = \"{}\"\n",
+            admin.display(),
+            http.display(),
             common::hello().display().to_string(),
-            control.display()
+            dir.path().join("baton.sock").display()
         ),
     )
     .unwrap();
-    let listen = format!("--listen={address}");
+    let listen_http = format!("--listen={}", http.display());
+    let listen_admin = format!("--listen={}", admin.display());
     let mut baton = Baton::spawn_with(
         dir,
         config,
-        &address,
+        "",
         activate,
         &[
-            &listen,
-            "--fdname=http",
+            &listen_http,
+            &listen_admin,
+            "--fdname=http:admin",
             "-E",
             "BATON_LOG=info",
             BATON,
@@ -294,11 +299,16 @@ fn adopts_a_socket_from_systemd_socket_activate() {
         ],
         &[],
     );
-    baton.port = port;
     baton.wait_log("Listening on", Duration::from_secs(10));
-    // systemd-socket-activate starts baton on the first connection; that
-    // connection waits in the queue and is served by generation 1.
-    assert_eq!(get_generation(port), 1);
+    baton.wait_log("Listening on", Duration::from_secs(10));
+    // The first connection starts baton; it waits in the queue and is
+    // served by generation 1.
+    assert_eq!(unix_get_generation(&http), 1);
+    let line = baton.wait_log(
+        "adopted socket `admin` from systemd",
+        Duration::from_secs(10),
+    );
+    assert!(line.contains("fd 4"), "{line}");
     let line = baton.wait_log(
         "adopted socket `http` from systemd",
         Duration::from_secs(10),
@@ -308,8 +318,10 @@ fn adopts_a_socket_from_systemd_socket_activate() {
         !baton.log_contains("listening on"),
         "baton must not bind itself"
     );
+    assert_eq!(unix_get_generation(&admin), 1);
     let (code, stdout, stderr) = baton.reload_wait();
     assert_eq!(code, 0, "{stdout}{stderr}");
     baton.wait_drained(1);
-    assert_eq!(get_generation(port), 2);
+    assert_eq!(unix_get_generation(&http), 2);
+    assert_eq!(unix_get_generation(&admin), 2);
 }

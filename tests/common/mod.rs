@@ -536,6 +536,17 @@ pub fn fresh_request(port: u16) -> Result<u64, Failure> {
     parse_generation(&response)
 }
 
+/// A GET over a unix socket listener; the generation that answered.
+pub fn unix_get_generation(path: &Path) -> u64 {
+    let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect");
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut response = Vec::new();
+    s.read_to_end(&mut response).unwrap();
+    parse_generation(&response).expect("a 200 response with a generation")
+}
+
 /// A plain GET; the generation that answered (for simple checks).
 pub fn get_generation(port: u16) -> u64 {
     fresh_request(port).expect("GET failed")
