@@ -32,16 +32,6 @@ pub enum ExitStatus {
     Signal(Signal),
 }
 
-impl ExitStatus {
-    /// Shell convention: the code, or 128 + the signal number.
-    pub fn shell_code(self) -> i32 {
-        match self {
-            ExitStatus::Code(c) => c,
-            ExitStatus::Signal(s) => 128 + s as i32,
-        }
-    }
-}
-
 impl fmt::Display for ExitStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -225,6 +215,19 @@ struct Generation {
     status: Option<String>,
 }
 
+impl Generation {
+    /// The kill deadline of a draining generation not yet killed.
+    fn drain_deadline(&self) -> Option<Instant> {
+        match self.state {
+            State::Draining {
+                deadline,
+                killed: false,
+            } => Some(deadline),
+            _ => None,
+        }
+    }
+}
+
 /// Lifecycle of a generation. A process may already have exited while its
 /// generation is still in any of these states: the core learns it from
 /// `Event::Exited`, which the shell delivers as soon as it reaps the pid.
@@ -371,13 +374,7 @@ impl Supervisor {
                 }
                 _ => None,
             });
-        let draining = self.draining.iter().filter_map(|g| match g.state {
-            State::Draining {
-                deadline,
-                killed: false,
-            } => Some(deadline),
-            _ => None,
-        });
+        let draining = self.draining.iter().filter_map(Generation::drain_deadline);
         candidate
             .into_iter()
             .chain(draining)
@@ -727,9 +724,9 @@ impl Supervisor {
             });
         }
         self.draining.push(generation);
-        let live = |g: &&Generation| matches!(g.state, State::Draining { killed: false, .. });
-        if self.draining.iter().filter(live).count() > MAX_DRAINING {
-            let oldest = self.draining.iter_mut().find(|g| live(&&**g));
+        let live = |g: &Generation| g.drain_deadline().is_some();
+        if self.draining.iter().filter(|g| live(g)).count() > MAX_DRAINING {
+            let oldest = self.draining.iter_mut().find(|g| live(g));
             if let Some(oldest) = oldest {
                 tracing::warn!(
                     generation = oldest.id,
@@ -805,11 +802,7 @@ impl Supervisor {
             }
         }
         for g in &mut self.draining {
-            if let State::Draining {
-                deadline,
-                killed: false,
-            } = g.state
-            {
+            if let Some(deadline) = g.drain_deadline() {
                 if deadline <= now {
                     tracing::warn!(
                         generation = g.id,
@@ -856,30 +849,21 @@ impl Supervisor {
         }
         if fast {
             for g in &mut self.draining {
-                if matches!(g.state, State::Draining { killed: false, .. }) {
+                if g.drain_deadline().is_some() {
                     kill(g, actions);
                 }
             }
-        } else if let Some(last) = self.next_deadline_max() {
+        } else if let Some(last) = self
+            .draining
+            .iter()
+            .filter_map(Generation::drain_deadline)
+            .max()
+        {
             let left = last.saturating_duration_since(now);
             actions.push(Action::Upstream(Upstream::ExtendTimeout(
                 left + EXTEND_SLACK,
             )));
         }
-    }
-
-    /// The latest pending drain deadline.
-    fn next_deadline_max(&self) -> Option<Instant> {
-        self.draining
-            .iter()
-            .filter_map(|g| match g.state {
-                State::Draining {
-                    deadline,
-                    killed: false,
-                } => Some(deadline),
-                _ => None,
-            })
-            .max()
     }
 
     fn exit_if_done(&mut self, actions: &mut Vec<Action>) {
