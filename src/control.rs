@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::core::{secs, Outcome, Progress, Status};
+use crate::core::{Progress, Status};
+use crate::notice::{secs, Notice, Outcome};
 
 /// Longest request line the daemon reads.
 pub const MAX_REQUEST: usize = 64 * 1024;
@@ -47,7 +48,7 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
     let envelope: Envelope<Request> = serde_json::from_str(line).map_err(|e| {
         format!(
             "bad request ({e}); expected one JSON object per line, e.g. \
-             {{\"v\":1,\"command\":\"status\"}} (commands: reload, status, stop)"
+             {{\"v\":1,\"command\":\"status\"}} (commands: reload, status, stop, events)"
         )
     })?;
     if envelope.v != VERSION {
@@ -78,6 +79,9 @@ pub enum Request {
     Status,
     /// Graceful stop; the connection stays open until baton exits.
     Stop,
+    /// Every notice from now on, one `notice` reply each, until the client
+    /// closes the connection.
+    Events,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,11 +114,15 @@ pub enum Reply {
     Error {
         message: String,
     },
+    /// Something happened (`events` requests).
+    Notice(Notice),
 }
 
 impl From<Progress> for Reply {
     fn from(p: Progress) -> Reply {
         match p {
+            Progress::Accepted => Reply::Accepted,
+            Progress::Refused(message) => Reply::Error { message },
             Progress::Queued => Reply::Queued,
             Progress::Started { generation, pid } => Reply::Started {
                 generation,

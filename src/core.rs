@@ -8,7 +8,6 @@
 //! - any number of `draining` generations, each with a kill deadline, capped
 //!   at [`MAX_DRAINING`].
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,38 +15,35 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use crate::config::{Config, ReadinessCheck};
+use crate::notice::{Cause, Drained, Notice, Summary};
+pub use crate::notice::{ExitStatus, Failure, Outcome};
 use crate::notify::Message;
 
 /// More draining generations than this and the oldest is killed at once, so
 /// fast repeated deploys cannot pile up old processes.
 pub const MAX_DRAINING: usize = 8;
 
-/// Identifies a client waiting on a deploy (`baton reload --wait`).
+/// Identifies a client waiting on a reload (`baton reload`).
 pub type WaiterId = u64;
 
-/// How a child process ended.
+/// A client asking for a reload: it hears whether the reload was taken,
+/// and, when it `follows` it, every step of the deploy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExitStatus {
-    Code(i32),
-    Signal(Signal),
-}
-
-impl fmt::Display for ExitStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ExitStatus::Code(c) => write!(f, "exited with code {c}"),
-            ExitStatus::Signal(s) => write!(f, "killed by signal {}", s.as_str()),
-        }
-    }
+pub struct Waiter {
+    pub id: WaiterId,
+    /// `reload --wait`: stay until the deploy's outcome.
+    pub follows: bool,
 }
 
 /// Inputs to the core.
 #[derive(Debug)]
 pub enum Event {
-    /// Deploy `config` (a SIGHUP, or `baton reload`, with the re-read file).
+    /// Deploy the re-read config file (a SIGHUP, or `baton reload`), or
+    /// `Err(why)` when it could not be read or is invalid. The core decides
+    /// what follows either way (refusal, deploy, queue).
     Reload {
-        config: Arc<Config>,
-        waiter: Option<WaiterId>,
+        config: Result<Arc<Config>, String>,
+        waiter: Option<Waiter>,
     },
     /// The shell started the process of `generation`. Always delivered
     /// before any `Exited` for that pid: the shell spawns synchronously and
@@ -85,6 +81,8 @@ pub enum Action {
         progress: Progress,
     },
     Upstream(Upstream),
+    /// Something to tell the operator (the log, `baton events`).
+    Notice(Notice),
     /// Everything is stopped: exit the daemon with this code.
     Exit(i32),
 }
@@ -116,6 +114,11 @@ const EXTEND_SLACK: Duration = Duration::from_secs(5);
 /// What a waiting client hears about its deploy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Progress {
+    /// A reload that does not wait: the file was valid and the deploy runs.
+    /// Ends the exchange.
+    Accepted,
+    /// The reload was refused and nothing changed. Ends the exchange.
+    Refused(String),
     /// Another deploy runs; this one follows it.
     Queued,
     Started {
@@ -130,75 +133,17 @@ pub enum Progress {
         generation: u64,
         pid: Pid,
     },
+    /// The deploy's outcome. Ends the exchange.
     Done(Outcome),
 }
 
-/// How a deploy ended. A failed deploy is an outcome, not an error.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    Succeeded {
-        generation: u64,
-        ready_after: Duration,
-    },
-    Failed {
-        generation: u64,
-        reason: Failure,
-    },
-    /// baton is stopping; the deploy did not run or was abandoned.
-    Cancelled,
-}
-
-impl Outcome {
-    pub fn succeeded(&self) -> bool {
-        matches!(self, Outcome::Succeeded { .. })
-    }
-}
-
-impl fmt::Display for Outcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Outcome::Succeeded {
-                generation,
-                ready_after,
-            } => write!(
-                f,
-                "generation {generation} is serving (ready after {})",
-                secs(*ready_after)
-            ),
-            Outcome::Failed { generation, reason } => {
-                write!(f, "generation {generation} failed: {reason}")
-            }
-            Outcome::Cancelled => f.write_str("cancelled: baton is stopping"),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Failure {
-    Exited(ExitStatus),
-    SpawnFailed(String),
-    NotReady(Duration),
-}
-
-impl fmt::Display for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Failure::Exited(status) => write!(f, "{status} before it was ready"),
-            Failure::SpawnFailed(e) => f.write_str(e),
-            Failure::NotReady(t) => write!(f, "not ready within {}", secs(*t)),
-        }
-    }
-}
-
-/// "3.2 ms", "0.42 s", "30 s": short, for logs and progress lines.
-pub fn secs(d: Duration) -> String {
-    let s = d.as_secs_f64();
-    if s < 0.1 {
-        format!("{:.1} ms", s * 1000.0)
-    } else if s < 10.0 {
-        format!("{s:.2} s")
-    } else {
-        format!("{s:.0} s")
+impl Progress {
+    /// Whether this is the last message of its exchange.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            Progress::Accepted | Progress::Refused(_) | Progress::Done(_)
+        )
     }
 }
 
@@ -248,21 +193,10 @@ enum State {
     },
 }
 
-/// Why a candidate is being started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    /// The first generation at start-up.
-    Initial,
-    /// Replacing a crashed current generation (or a failed initial one).
-    Restart,
-    /// A deploy asked for by a reload.
-    Deploy,
-}
-
 #[derive(Debug)]
 struct Candidate {
     generation: Generation,
-    kind: Kind,
+    kind: Cause,
     waiters: Vec<WaiterId>,
 }
 
@@ -294,6 +228,9 @@ pub struct Supervisor {
     candidate: Option<Candidate>,
     draining: Vec<Generation>,
     pending: Option<Pending>,
+    /// The config baton started with: its `[[listen]]` and `[control]`
+    /// settings hold until baton restarts.
+    frozen: Arc<Config>,
     /// Config of the last generation that became ready; restarts use it.
     serving_config: Arc<Config>,
     next_id: u64,
@@ -327,6 +264,7 @@ impl Supervisor {
             candidate: None,
             draining: Vec::new(),
             pending: None,
+            frozen: config.clone(),
             serving_config: config.clone(),
             next_id: 1,
             mode: Mode::Running,
@@ -338,7 +276,7 @@ impl Supervisor {
             rng: fastrand::Rng::with_seed(seed),
         };
         let mut actions = Vec::new();
-        s.start_candidate(config, Kind::Initial, Vec::new(), now, &mut actions);
+        s.start_candidate(config, Cause::Initial, Vec::new(), now, &mut actions);
         (s, actions)
     }
 
@@ -350,7 +288,6 @@ impl Supervisor {
             Event::Spawned { generation, pid } => self.spawned(generation, pid, &mut actions),
             Event::SpawnFailed { generation, error } => {
                 if self.is_candidate(generation) {
-                    tracing::error!(generation, "cannot start: {error}");
                     self.fail_candidate(Failure::SpawnFailed(error), now, &mut actions);
                 }
             }
@@ -382,16 +319,6 @@ impl Supervisor {
             .min()
     }
 
-    /// Whether systemd has been told READY=1 (a generation has served).
-    pub fn announced(&self) -> bool {
-        self.announced
-    }
-
-    /// Every pid the core supervises (for authenticating notify datagrams).
-    pub fn owns(&self, pid: Pid) -> bool {
-        self.generations().any(|g| g.pid == Some(pid))
-    }
-
     fn generations(&self) -> impl Iterator<Item = &Generation> {
         self.current
             .iter()
@@ -407,20 +334,32 @@ impl Supervisor {
 
     fn reload(
         &mut self,
-        config: Arc<Config>,
-        waiter: Option<WaiterId>,
+        config: Result<Arc<Config>, String>,
+        waiter: Option<Waiter>,
         now: Instant,
         actions: &mut Vec<Action>,
     ) {
         if self.mode != Mode::Running {
             if let Some(waiter) = waiter {
-                actions.push(progress(waiter, Progress::Done(Outcome::Cancelled)));
+                actions.push(progress(waiter.id, Progress::Done(Outcome::Cancelled)));
             }
             return;
         }
+        let config = config.and_then(|c| self.admit(c, actions));
+        let config = match config {
+            Ok(config) => config,
+            Err(reason) => return self.refuse(reason, waiter, actions),
+        };
+        let waiter = match waiter {
+            Some(w) if !w.follows => {
+                actions.push(progress(w.id, Progress::Accepted));
+                None
+            }
+            other => other.map(|w| w.id),
+        };
         if self.candidate.is_some() {
             // One deploy at a time: coalesce into a single follow-up.
-            tracing::info!("reload requested during a deploy: queued to follow it");
+            actions.push(Action::Notice(Notice::ReloadQueued));
             let pending = self.pending.get_or_insert_with(|| Pending {
                 config: config.clone(),
                 waiters: Vec::new(),
@@ -435,13 +374,49 @@ impl Supervisor {
         // A restart waiting out its backoff is replaced by the deploy.
         self.restart_at = None;
         let waiters = waiter.into_iter().collect();
-        self.start_candidate(config, Kind::Deploy, waiters, now, actions);
+        self.start_candidate(config, Cause::Deploy, waiters, now, actions);
+    }
+
+    /// What of a re-read file can change while baton runs: the listeners
+    /// cannot (a refusal), `[control]` waits for a restart (a warning).
+    fn admit(&self, config: Arc<Config>, actions: &mut Vec<Action>) -> Result<Arc<Config>, String> {
+        if self.frozen.listeners_differ(&config) {
+            return Err(format!(
+                "{} changes the [[listen]] sockets; changing listeners needs a restart of baton",
+                config.path.display()
+            ));
+        }
+        if self.frozen.control_socket != config.control_socket
+            || self.frozen.control_group != config.control_group
+        {
+            actions.push(Action::Notice(Notice::ControlChangeDeferred));
+        }
+        Ok(config)
+    }
+
+    /// A reload that cannot be deployed: nothing changes. Under
+    /// `Type=notify-reload` systemd waits for RELOADING=1 and READY=1 after
+    /// its SIGHUP, so a serving baton ends that reload with the reason;
+    /// before the first READY=1 systemd is still starting the unit and must
+    /// hear nothing (a READY=1 would end its start with nothing serving).
+    fn refuse(&mut self, reason: String, waiter: Option<Waiter>, actions: &mut Vec<Action>) {
+        let notice = Notice::ReloadRefused { reason };
+        if self.announced {
+            actions.push(Action::Upstream(Upstream::Reloading));
+            actions.push(Action::Upstream(Upstream::Reloaded {
+                status: notice.to_string(),
+            }));
+        }
+        if let Some(waiter) = waiter {
+            actions.push(progress(waiter.id, Progress::Refused(notice.to_string())));
+        }
+        actions.push(Action::Notice(notice));
     }
 
     fn start_candidate(
         &mut self,
         config: Arc<Config>,
-        kind: Kind,
+        kind: Cause,
         waiters: Vec<WaiterId>,
         now: Instant,
         actions: &mut Vec<Action>,
@@ -453,10 +428,13 @@ impl Supervisor {
             ReadinessCheck::Notify => None,
             ReadinessCheck::Delay(d) => Some(now + d),
         };
-        tracing::info!(generation = id, "starting generation {id}");
+        actions.push(Action::Notice(Notice::Starting {
+            generation: id,
+            cause: kind,
+        }));
         // Before the first READY=1 systemd is still starting the unit: a
         // RELOADING=1/READY=1 pair would end its start with nothing serving.
-        if kind == Kind::Deploy && self.announced {
+        if kind == Cause::Deploy && self.announced {
             actions.push(Action::Upstream(Upstream::Reloading));
             actions.push(Action::Upstream(Upstream::ExtendTimeout(
                 readiness.timeout + EXTEND_SLACK,
@@ -488,7 +466,10 @@ impl Supervisor {
             return;
         };
         candidate.generation.pid = Some(pid);
-        tracing::info!(generation = id, %pid, "generation {id} started as pid {pid}");
+        actions.push(Action::Notice(Notice::Started {
+            generation: id,
+            pid: pid.as_raw(),
+        }));
         for &waiter in &candidate.waiters {
             actions.push(progress(
                 waiter,
@@ -502,26 +483,28 @@ impl Supervisor {
 
     fn notify(&mut self, pid: Pid, message: Message, now: Instant, actions: &mut Vec<Action>) {
         let Some(generation) = self.generation_mut(pid) else {
-            if message.ready {
-                tracing::warn!(%pid, "ignoring READY=1 from pid {pid}: not a supervised process");
-            } else {
-                tracing::debug!(%pid, "ignoring notify message from unsupervised pid {pid}");
-            }
+            actions.push(Action::Notice(Notice::ForeignNotify {
+                pid: pid.as_raw(),
+                ready: message.ready,
+            }));
             return;
         };
         let id = generation.id;
         if let Some(status) = message.status {
-            tracing::debug!(generation = id, "status: {status}");
-            generation.status = Some(status);
+            generation.status = Some(status.clone());
+            actions.push(Action::Notice(Notice::AppStatus {
+                generation: id,
+                status,
+            }));
         }
         if message.stopping {
-            tracing::info!(generation = id, "generation {id} is stopping");
+            actions.push(Action::Notice(Notice::AppStopping { generation: id }));
         }
         if message.mainpid.is_some() {
-            tracing::warn!(
-                generation = id,
-                "ignoring MAINPID= from pid {pid}: baton tracks the process it started"
-            );
+            actions.push(Action::Notice(Notice::MainPidIgnored {
+                generation: id,
+                pid: pid.as_raw(),
+            }));
         }
         if message.ready && self.is_candidate(id) {
             self.promote(now, actions);
@@ -552,11 +535,10 @@ impl Supervisor {
             latency,
         };
         self.serving_config = generation.config.clone();
-        tracing::info!(
-            generation = id,
-            "generation {id} is ready after {}",
-            secs(latency)
-        );
+        actions.push(Action::Notice(Notice::Ready {
+            generation: id,
+            after: latency,
+        }));
         for &waiter in &waiters {
             actions.push(progress(
                 waiter,
@@ -567,7 +549,7 @@ impl Supervisor {
             ));
         }
         let old = self.current.replace(generation);
-        if kind == Kind::Deploy {
+        if kind == Cause::Deploy {
             match &old {
                 Some(old) => self.drain_watch.push(DrainWatch {
                     old: old.id,
@@ -575,13 +557,14 @@ impl Supervisor {
                     ready_after: latency,
                     since: now,
                 }),
-                None => tracing::info!(
-                    generation = id,
-                    outcome = "ok",
-                    ready_latency_ms = latency.as_millis() as u64,
-                    "deploy summary: generation {id} ok, ready in {}, nothing to drain",
-                    secs(latency)
-                ),
+                None => actions.push(Action::Notice(Notice::DeploySummary(Summary {
+                    generation: id,
+                    ok: true,
+                    ready: Some(latency),
+                    drained: None,
+                    reason: None,
+                    took: latency,
+                }))),
             }
         }
         if let Some(old) = old {
@@ -604,7 +587,7 @@ impl Supervisor {
         if !self.announced {
             self.announced = true;
             actions.push(Action::Upstream(Upstream::Ready { status }));
-        } else if kind == Kind::Deploy {
+        } else if kind == Cause::Deploy {
             actions.push(Action::Upstream(Upstream::Reloaded { status }));
         } else {
             actions.push(Action::Upstream(Upstream::Status(status)));
@@ -615,15 +598,18 @@ impl Supervisor {
     /// Records the outcome, answers the waiters and starts a queued reload.
     fn finish_deploy(
         &mut self,
-        kind: Kind,
+        kind: Cause,
         outcome: Outcome,
         took: Duration,
         waiters: Vec<WaiterId>,
         now: Instant,
         actions: &mut Vec<Action>,
     ) {
-        if kind == Kind::Deploy {
-            tracing::info!("deploy: {outcome}");
+        if kind == Cause::Deploy {
+            actions.push(Action::Notice(Notice::DeployFinished {
+                outcome: outcome.clone(),
+                took,
+            }));
             self.last_deploy = Some(LastDeploy {
                 outcome: outcome.clone(),
                 finished: now,
@@ -635,7 +621,7 @@ impl Supervisor {
         }
         if let Some(Pending { config, waiters }) = self.pending.take() {
             self.restart_at = None;
-            self.start_candidate(config, Kind::Deploy, waiters, now, actions);
+            self.start_candidate(config, Cause::Deploy, waiters, now, actions);
         }
     }
 
@@ -659,26 +645,29 @@ impl Supervisor {
             (Failure::Exited(_), Some(pid)) => actions.push(Action::KillGroup { pgid: pid }),
             _ => {}
         }
+        let serving = self.current.as_ref().map(|g| g.id);
+        let failed = Notice::CandidateFailed {
+            generation: id,
+            reason: reason.clone(),
+            serving,
+        };
+        let status = failed.to_string();
+        actions.push(Action::Notice(failed));
+        if kind == Cause::Deploy {
+            actions.push(Action::Notice(Notice::DeploySummary(Summary {
+                generation: id,
+                ok: false,
+                ready: None,
+                drained: None,
+                reason: Some(reason.clone()),
+                took,
+            })));
+        }
         let outcome = Outcome::Failed {
             generation: id,
             reason,
         };
-        let serving = self.current.as_ref().map(|g| g.id);
-        let status = match serving {
-            Some(old) => format!("{outcome}; generation {old} still serving"),
-            None => format!("{outcome}; nothing serving"),
-        };
-        tracing::error!(generation = id, "{status}");
-        if kind == Kind::Deploy {
-            tracing::info!(
-                generation = id,
-                outcome = "failed",
-                "deploy summary: generation {id} failed after {}: {}",
-                secs(took),
-                outcome_reason(&outcome)
-            );
-        }
-        if kind == Kind::Deploy && self.announced {
+        if kind == Cause::Deploy && self.announced {
             actions.push(Action::Upstream(Upstream::Reloaded {
                 status: status.clone(),
             }));
@@ -686,12 +675,12 @@ impl Supervisor {
             actions.push(Action::Upstream(Upstream::Status(status.clone())));
         }
         if serving.is_none() && self.mode == Mode::Running {
-            self.schedule_restart(now);
+            self.schedule_restart(now, actions);
         }
         self.finish_deploy(kind, outcome, took, waiters, now, actions);
     }
 
-    fn schedule_restart(&mut self, now: Instant) {
+    fn schedule_restart(&mut self, now: Instant, actions: &mut Vec<Action>) {
         let restart = self.serving_config.restart;
         self.failures = self.failures.saturating_add(1);
         let exp = restart
@@ -701,7 +690,10 @@ impl Supervisor {
         // Full backoff would make every crashed instance of a fleet restart
         // in lockstep; jitter spreads them over [delay/2, delay].
         let delay = capped.mul_f64(0.5 + self.rng.f64() * 0.5);
-        tracing::warn!("restarting in {} (failure {})", secs(delay), self.failures);
+        actions.push(Action::Notice(Notice::RestartScheduled {
+            after: delay,
+            failures: self.failures,
+        }));
         self.restart_at = Some(now + delay);
     }
 
@@ -712,12 +704,11 @@ impl Supervisor {
             killed: false,
         };
         if let Some(pid) = generation.pid {
-            tracing::info!(
-                generation = generation.id,
-                "draining generation {} (pid {pid}) with {}",
-                generation.id,
-                drain.signal.as_str()
-            );
+            actions.push(Action::Notice(Notice::Draining {
+                generation: generation.id,
+                pid: pid.as_raw(),
+                signal: drain.signal.as_str().to_owned(),
+            }));
             actions.push(Action::Signal {
                 pid,
                 signal: drain.signal,
@@ -728,11 +719,10 @@ impl Supervisor {
         if self.draining.iter().filter(|g| live(g)).count() > MAX_DRAINING {
             let oldest = self.draining.iter_mut().find(|g| live(g));
             if let Some(oldest) = oldest {
-                tracing::warn!(
-                    generation = oldest.id,
-                    "more than {MAX_DRAINING} generations draining: killing generation {}",
-                    oldest.id
-                );
+                actions.push(Action::Notice(Notice::TooManyDraining {
+                    generation: oldest.id,
+                    limit: MAX_DRAINING,
+                }));
                 kill(oldest, actions);
             }
         }
@@ -749,28 +739,37 @@ impl Supervisor {
         }
         if let Some(i) = self.draining.iter().position(|g| g.pid == Some(pid)) {
             let g = self.draining.remove(i);
-            tracing::info!(generation = g.id, %pid, "generation {} (pid {pid}) {status}", g.id);
+            actions.push(Action::Notice(Notice::Exited {
+                generation: g.id,
+                pid: pid.as_raw(),
+                status,
+            }));
             if let Some(w) = self.drain_watch.iter().position(|w| w.old == g.id) {
                 let w = self.drain_watch.remove(w);
                 let drain = now.saturating_duration_since(w.since);
-                tracing::info!(
-                    generation = w.new,
-                    outcome = "ok",
-                    ready_latency_ms = w.ready_after.as_millis() as u64,
-                    drain_ms = drain.as_millis() as u64,
-                    "deploy summary: generation {} ok, ready in {}, generation {} drained in {} ({status})",
-                    w.new,
-                    secs(w.ready_after),
-                    w.old,
-                    secs(drain)
-                );
+                actions.push(Action::Notice(Notice::DeploySummary(Summary {
+                    generation: w.new,
+                    ok: true,
+                    ready: Some(w.ready_after),
+                    drained: Some(Drained {
+                        generation: w.old,
+                        after: drain,
+                        status,
+                    }),
+                    reason: None,
+                    took: w.ready_after + drain,
+                })));
             }
             // KillMode=mixed: what the main process left behind goes too.
             actions.push(Action::KillGroup { pgid: pid });
             return;
         }
         if let Some(g) = self.current.take_if(|g| g.pid == Some(pid)) {
-            tracing::error!(generation = g.id, %pid, "generation {} (pid {pid}) {status} while serving", g.id);
+            actions.push(Action::Notice(Notice::Crashed {
+                generation: g.id,
+                pid: pid.as_raw(),
+                status,
+            }));
             actions.push(Action::KillGroup { pgid: pid });
             let stable = match g.state {
                 State::Ready { since, .. } => now - since >= g.config.restart.backoff_max,
@@ -785,7 +784,7 @@ impl Supervisor {
             ))));
             // A running deploy's candidate will take over; otherwise restart.
             if self.candidate.is_none() {
-                self.schedule_restart(now);
+                self.schedule_restart(now, actions);
             }
         }
     }
@@ -804,13 +803,11 @@ impl Supervisor {
         for g in &mut self.draining {
             if let Some(deadline) = g.drain_deadline() {
                 if deadline <= now {
-                    tracing::warn!(
-                        generation = g.id,
-                        "generation {} (pid {}) still running after its drain timeout of {}: killing its process group",
-                        g.id,
-                        g.pid.map_or_else(|| "?".to_owned(), |p| p.to_string()),
-                        secs(g.config.drain.timeout)
-                    );
+                    actions.push(Action::Notice(Notice::DrainTimedOut {
+                        generation: g.id,
+                        pid: g.pid.map(Pid::as_raw),
+                        timeout: g.config.drain.timeout,
+                    }));
                     kill(g, actions);
                 }
             }
@@ -818,7 +815,7 @@ impl Supervisor {
         if self.restart_at.is_some_and(|t| t <= now) && self.candidate.is_none() {
             self.restart_at = None;
             let config = self.serving_config.clone();
-            self.start_candidate(config, Kind::Restart, Vec::new(), now, actions);
+            self.start_candidate(config, Cause::Restart, Vec::new(), now, actions);
         }
     }
 
@@ -829,11 +826,7 @@ impl Supervisor {
             Mode::Stopping { .. } => {}
             Mode::Running => actions.push(Action::Upstream(Upstream::Stopping)),
         }
-        tracing::info!(
-            "{} stop: {} every generation",
-            if fast { "fast" } else { "graceful" },
-            if fast { "killing" } else { "draining" }
-        );
+        actions.push(Action::Notice(Notice::Stopping { fast }));
         self.mode = Mode::Stopping { fast };
         self.restart_at = None;
         let mut waiters: Vec<WaiterId> = self.pending.take().map(|p| p.waiters).unwrap_or_default();
@@ -868,7 +861,7 @@ impl Supervisor {
 
     fn exit_if_done(&mut self, actions: &mut Vec<Action>) {
         if matches!(self.mode, Mode::Stopping { .. }) && self.generations().next().is_none() {
-            tracing::info!("every generation has exited");
+            actions.push(Action::Notice(Notice::AllExited));
             self.mode = Mode::Exited;
             actions.push(Action::Exit(0));
         }
@@ -900,19 +893,12 @@ impl Supervisor {
             deploying: self
                 .candidate
                 .as_ref()
-                .is_some_and(|c| c.kind == Kind::Deploy),
+                .is_some_and(|c| c.kind == Cause::Deploy),
             queued: self.pending.is_some(),
             restarting_in: self.restart_at.map(|t| t.saturating_duration_since(now)),
             last_deploy: self.last_deploy.clone().map(|l| (l, now)),
             stopping: self.mode != Mode::Running,
         }
-    }
-}
-
-fn outcome_reason(outcome: &Outcome) -> String {
-    match outcome {
-        Outcome::Failed { reason, .. } => reason.to_string(),
-        other => other.to_string(),
     }
 }
 
@@ -974,12 +960,16 @@ backoff_max = "1s"
         Arc::new(Config::parse(Path::new("/etc/baton/test.toml"), text).unwrap())
     }
 
-    /// Drives a supervisor through events at chosen instants.
+    /// Drives a supervisor through events at chosen instants. Notices are
+    /// kept apart (`notices`), so tests compare effects exactly; every
+    /// upstream message so far is in `upstream`.
     struct Harness {
         s: Supervisor,
         t0: Instant,
         now: Instant,
         config: Arc<Config>,
+        notices: Vec<Notice>,
+        upstream: Vec<Upstream>,
     }
 
     fn pid(n: i32) -> Pid {
@@ -995,15 +985,16 @@ backoff_max = "1s"
             let config = config(text);
             let t0 = Instant::now();
             let (s, actions) = Supervisor::new(config.clone(), t0, 1);
-            (
-                Harness {
-                    s,
-                    t0,
-                    now: t0,
-                    config,
-                },
-                actions,
-            )
+            let mut h = Harness {
+                s,
+                t0,
+                now: t0,
+                config,
+                notices: Vec::new(),
+                upstream: Vec::new(),
+            };
+            let actions = h.sort(actions);
+            (h, actions)
         }
 
         /// Generation 1 running as pid 100 and ready.
@@ -1023,12 +1014,36 @@ backoff_max = "1s"
         }
 
         fn on(&mut self, event: Event) -> Vec<Action> {
-            self.s.handle(event, self.now)
+            let actions = self.s.handle(event, self.now);
+            self.sort(actions)
         }
 
+        /// Keeps the notices apart; returns the other actions.
+        fn sort(&mut self, actions: Vec<Action>) -> Vec<Action> {
+            let mut effects = Vec::new();
+            for action in actions {
+                match action {
+                    Action::Notice(n) => self.notices.push(n),
+                    Action::Upstream(u) => {
+                        self.upstream.push(u.clone());
+                        effects.push(Action::Upstream(u));
+                    }
+                    other => effects.push(other),
+                }
+            }
+            effects
+        }
+
+        /// A reload of the same file; `waiter` follows the deploy.
         fn reload(&mut self, waiter: Option<WaiterId>) -> Vec<Action> {
-            let config = self.config.clone();
+            let config = Ok(self.config.clone());
+            let waiter = waiter.map(|id| Waiter { id, follows: true });
             self.on(Event::Reload { config, waiter })
+        }
+
+        /// Notices since the last call.
+        fn take_notices(&mut self) -> Vec<Notice> {
+            std::mem::take(&mut self.notices)
         }
 
         fn states(&self) -> Vec<(u64, &'static str)> {
@@ -1424,7 +1439,13 @@ backoff_max = "1s"
             )),
             "{actions:?}"
         );
-        assert!(!h.s.announced());
+        assert!(
+            !h.upstream
+                .iter()
+                .any(|u| matches!(u, Upstream::Ready { .. } | Upstream::Reloaded { .. })),
+            "{:?}",
+            h.upstream
+        );
     }
 
     #[test]
@@ -1435,9 +1456,182 @@ backoff_max = "1s"
             generation: 2,
             pid: pid(200),
         });
+        h.take_notices();
         assert!(h.on(ready(999)).is_empty());
         assert_eq!(h.states(), [(1, "ready"), (2, "starting")]);
-        assert!(h.s.owns(pid(200)) && !h.s.owns(pid(999)));
+        assert_eq!(
+            h.take_notices(),
+            [Notice::ForeignNotify {
+                pid: 999,
+                ready: true
+            }]
+        );
+    }
+
+    /// Issue 7: a refused reload was announced by the shell with an
+    /// unconditional RELOADING=1/READY=1, so with a slow first boot systemd
+    /// heard READY=1 before anything served.
+    #[test]
+    fn refused_reload_before_first_ready_tells_systemd_nothing() {
+        let (mut h, _) = Harness::with(BASE);
+        h.on(Event::Spawned {
+            generation: 1,
+            pid: pid(100),
+        });
+        let actions = h.on(Event::Reload {
+            config: Err("app.toml:3:1: bad".into()),
+            waiter: Some(Waiter {
+                id: 7,
+                follows: true,
+            }),
+        });
+        assert_eq!(
+            actions,
+            [progress(
+                7,
+                Progress::Refused("reload refused, nothing changed: app.toml:3:1: bad".into())
+            )]
+        );
+        assert!(h.upstream.is_empty(), "{:?}", h.upstream);
+        assert_eq!(h.states(), [(1, "starting")]);
+
+        // Once serving, systemd (Type=notify-reload) hears the reload end.
+        h.on(ready(100));
+        let actions = h.on(Event::Reload {
+            config: Err("app.toml:3:1: bad".into()),
+            waiter: None,
+        });
+        assert_eq!(
+            actions,
+            [
+                Action::Upstream(Upstream::Reloading),
+                Action::Upstream(Upstream::Reloaded {
+                    status: "reload refused, nothing changed: app.toml:3:1: bad".into()
+                })
+            ]
+        );
+        assert!(h.take_notices().contains(&Notice::ReloadRefused {
+            reason: "app.toml:3:1: bad".into()
+        }));
+        assert_eq!(h.states(), [(1, "ready")]);
+    }
+
+    #[test]
+    fn changed_listeners_are_refused_changed_control_is_deferred() {
+        let listen = "[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:8080\"\n";
+        let (mut h, _) = Harness::with(&format!("{listen}{BASE}"));
+        h.on(Event::Spawned {
+            generation: 1,
+            pid: pid(100),
+        });
+        h.on(ready(100));
+        let moved = config(&format!("{}{BASE}", listen.replace("8080", "8081")));
+        let actions = h.on(Event::Reload {
+            config: Ok(moved),
+            waiter: Some(Waiter {
+                id: 1,
+                follows: true,
+            }),
+        });
+        assert!(
+            matches!(&actions[2], Action::Progress { progress: Progress::Refused(why), .. }
+                if why.contains("changes the [[listen]] sockets")),
+            "{actions:?}"
+        );
+        assert!(spawns(&actions).is_empty());
+
+        let control = config(&format!(
+            "{listen}{BASE}[control]\nsocket = \"/run/other.sock\"\n"
+        ));
+        let actions = h.on(Event::Reload {
+            config: Ok(control),
+            waiter: None,
+        });
+        assert_eq!(spawns(&actions), [2]);
+        assert!(h.take_notices().contains(&Notice::ControlChangeDeferred));
+    }
+
+    #[test]
+    fn reload_without_wait_hears_only_that_it_was_accepted() {
+        let mut h = Harness::serving();
+        let actions = h.on(Event::Reload {
+            config: Ok(h.config.clone()),
+            waiter: Some(Waiter {
+                id: 3,
+                follows: false,
+            }),
+        });
+        assert_eq!(actions[0], progress(3, Progress::Accepted));
+        assert_eq!(spawns(&actions), [2]);
+        h.on(Event::Spawned {
+            generation: 2,
+            pid: pid(200),
+        });
+        let actions = h.on(ready(200));
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::Progress { .. })),
+            "{actions:?}"
+        );
+    }
+
+    #[test]
+    fn a_deploy_tells_its_story_in_typed_notices() {
+        let mut h = Harness::serving();
+        h.take_notices();
+        h.at(ms(1000)).reload(None);
+        h.on(Event::Spawned {
+            generation: 2,
+            pid: pid(200),
+        });
+        h.at(ms(1300)).on(ready(200));
+        h.at(ms(1350)).on(exited(100, 0));
+        let ready = ms(300);
+        assert_eq!(
+            h.take_notices(),
+            [
+                Notice::Starting {
+                    generation: 2,
+                    cause: Cause::Deploy
+                },
+                Notice::Started {
+                    generation: 2,
+                    pid: 200
+                },
+                Notice::Ready {
+                    generation: 2,
+                    after: ready
+                },
+                Notice::Draining {
+                    generation: 1,
+                    pid: 100,
+                    signal: "SIGTERM".into()
+                },
+                Notice::DeployFinished {
+                    outcome: Outcome::Succeeded {
+                        generation: 2,
+                        ready_after: ready
+                    },
+                    took: ready
+                },
+                Notice::Exited {
+                    generation: 1,
+                    pid: 100,
+                    status: ExitStatus::Code(0)
+                },
+                Notice::DeploySummary(Summary {
+                    generation: 2,
+                    ok: true,
+                    ready: Some(ready),
+                    drained: Some(Drained {
+                        generation: 1,
+                        after: ms(50),
+                        status: ExitStatus::Code(0)
+                    }),
+                    reason: None,
+                    took: ms(350),
+                }),
+            ]
+        );
     }
 
     #[test]

@@ -20,7 +20,8 @@ use tokio::sync::mpsc;
 
 use crate::config::{notify_socket_for, Config, ConfigError};
 use crate::control::{encode, parse_request, Reply, Request, StatusDoc, MAX_REQUEST};
-use crate::core::{Action, Event, ExitStatus, Supervisor, WaiterId};
+use crate::core::{Action, Event, ExitStatus, Supervisor, Waiter, WaiterId};
+use crate::notice::{Level, Notice};
 use crate::notify::{NotifySocket, UpstreamNotifier};
 use crate::sockets::{bind_unix, Listeners, SocketError};
 use crate::spawn;
@@ -65,6 +66,9 @@ pub struct Options {
     /// survive a crash of baton itself. Also on when systemd says the store
     /// exists (`$FDSTORE`, systemd ≥ 254).
     pub fd_store: bool,
+    /// Log records are JSON: each notice's record carries the notice
+    /// itself (a `notice` field), for log shippers and tests.
+    pub json_notices: bool,
 }
 
 /// Runs the daemon until it is stopped. Returns the exit code.
@@ -113,7 +117,8 @@ pub fn run(config_path: &Path, options: Options) -> Result<i32, DaemonError> {
         })?;
         let mut shell = Shell {
             supervisor: None,
-            config,
+            config_path: config.path.clone(),
+            control_group: config.control_group.as_ref().map(|g| g.gid),
             listeners,
             notify_path: notify_path.clone(),
             upstream,
@@ -122,9 +127,11 @@ pub fn run(config_path: &Path, options: Options) -> Result<i32, DaemonError> {
             waiters: HashMap::new(),
             next_waiter: 1,
             stop_waiters: Vec::new(),
+            subscribers: Vec::new(),
+            json_notices: options.json_notices,
             exit: None,
         };
-        let code = shell.run(control, notify).await;
+        let code = shell.run(config.clone(), control, notify).await;
         shell.listeners.remove_files();
         let _ = std::fs::remove_file(&control_path);
         let _ = std::fs::remove_file(&notify_path);
@@ -200,8 +207,12 @@ struct ControlCommand {
 struct Shell {
     /// Set once the loop's event sources exist (the first spawn needs them).
     supervisor: Option<Supervisor>,
-    /// The latest valid config (what SIGHUP compares the file against).
-    config: Arc<Config>,
+    /// The file a reload re-reads. The core owns every config read from it.
+    config_path: PathBuf,
+    /// `[control] group` as the control socket was made at start: a
+    /// reload cannot change who may connect (the socket's mode and group
+    /// stay as they were until baton restarts).
+    control_group: Option<u32>,
     listeners: Listeners,
     notify_path: PathBuf,
     upstream: Option<UpstreamNotifier>,
@@ -213,11 +224,19 @@ struct Shell {
     next_waiter: WaiterId,
     /// `baton stop` clients: their connections close when baton exits.
     stop_waiters: Vec<mpsc::UnboundedSender<Reply>>,
+    /// `baton events` clients: every notice from now on.
+    subscribers: Vec<mpsc::UnboundedSender<Reply>>,
+    json_notices: bool,
     exit: Option<i32>,
 }
 
 impl Shell {
-    async fn run(&mut self, control: UnixListener, notify: NotifySocket) -> i32 {
+    async fn run(
+        &mut self,
+        config: Arc<Config>,
+        control: UnixListener,
+        notify: NotifySocket,
+    ) -> i32 {
         // Handlers first: a child may exit, or systemd may send SIGHUP, as
         // soon as the first generation is started.
         let install = |kind| signal(kind).expect("installing a signal handler");
@@ -230,7 +249,14 @@ impl Shell {
 
         let clock = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
         let seed = u64::from(std::process::id()) ^ clock.map_or(0, |d| d.as_nanos() as u64);
-        let (supervisor, actions) = Supervisor::new(self.config.clone(), Instant::now(), seed);
+        for (name, address, adopted_fd) in self.listeners.describe() {
+            self.notice(Notice::Listening {
+                name,
+                address,
+                adopted_fd,
+            });
+        }
+        let (supervisor, actions) = Supervisor::new(config, Instant::now(), seed);
         self.supervisor = Some(supervisor);
         self.execute(actions);
 
@@ -249,7 +275,7 @@ impl Shell {
                 _ = sigchld.recv() => self.reap(),
                 _ = sighup.recv() => {
                     tracing::info!("SIGHUP: reloading");
-                    self.reload(None, false);
+                    self.reload(None);
                 }
                 _ = sigterm.recv() => self.event(Event::Stop { fast: false }),
                 _ = sigint.recv() => self.event(Event::Stop { fast: false }),
@@ -260,10 +286,7 @@ impl Shell {
                 },
                 Some(command) = commands.recv() => self.control(command),
                 accepted = control.accept() => match accepted {
-                    Ok((stream, _)) => {
-                        let group = self.config.control_group.as_ref().map(|g| g.gid);
-                        tokio::spawn(serve_connection(stream, group, commands_tx.clone()));
-                    }
+                    Ok((stream, _)) => self.accept(stream, &commands_tx),
                     Err(e) => tracing::warn!("control socket: {e}"),
                 },
                 _ = sleep => {
@@ -309,67 +332,56 @@ impl Shell {
         }
     }
 
-    /// Re-reads the config file and asks the core to deploy it. A waiting
-    /// client hears every step; one that does not wait hears `Accepted`
-    /// once the file was found valid.
-    fn reload(&mut self, reply: Option<mpsc::UnboundedSender<Reply>>, wait: bool) {
-        let config = match Config::load(&self.config.path) {
-            Ok(config) => config,
-            Err(e) => {
-                let message = format!("reload refused, nothing changed: {e}");
-                return self.refuse(reply, message);
-            }
-        };
-        if self.config.listeners_differ(&config) {
-            let message = format!(
-                "reload refused, nothing changed: {} changes the [[listen]] sockets; \
-                 changing listeners needs a restart of baton",
-                self.config.path.display()
-            );
-            return self.refuse(reply, message);
-        }
-        if config.control_socket != self.config.control_socket {
-            tracing::warn!("[control] socket changes take effect when baton restarts");
-        }
-        let config = Arc::new(config);
-        self.config = config.clone();
-        let reply = match reply {
-            Some(reply) if !wait => {
-                let _ = reply.send(Reply::Accepted);
-                None
-            }
-            other => other,
-        };
-        let waiter = reply.map(|reply| {
+    /// Re-reads the config file and hands it, or why it is unusable, to
+    /// the core, which decides what happens (and what the client hears).
+    fn reload(&mut self, waiter: Option<(mpsc::UnboundedSender<Reply>, bool)>) {
+        let config = Config::load(&self.config_path)
+            .map(Arc::new)
+            .map_err(|e| e.to_string());
+        let waiter = waiter.map(|(reply, follows)| {
             let id = self.next_waiter;
             self.next_waiter += 1;
             self.waiters.insert(id, reply);
-            id
+            Waiter { id, follows }
         });
         self.event(Event::Reload { config, waiter });
     }
 
-    fn refuse(&mut self, reply: Option<mpsc::UnboundedSender<Reply>>, message: String) {
-        tracing::error!("{message}");
-        // Under Type=notify-reload systemd waits for RELOADING=1 and READY=1
-        // after its SIGHUP: end that reload, with the reason.
-        if let Some(upstream) = &self.upstream {
-            upstream.send(&crate::core::Upstream::Reloading);
-            upstream.send(&crate::core::Upstream::Reloaded {
-                status: message.clone(),
-            });
+    /// A new control connection: refused at once unless its peer may use
+    /// the socket, else served by its own task.
+    fn accept(&mut self, stream: UnixStream, commands: &mpsc::UnboundedSender<ControlCommand>) {
+        let cred = stream.peer_cred();
+        if cred
+            .as_ref()
+            .is_ok_and(|c| peer_allowed(c, self.control_group))
+        {
+            tokio::spawn(serve_connection(stream, commands.clone()));
+            return;
         }
-        if let Some(reply) = reply {
-            let _ = reply.send(Reply::Error { message });
+        let (uid, pid) = cred.map_or((u32::MAX, None), |c| (c.uid(), c.pid()));
+        self.notice(Notice::ControlRefused { uid, pid });
+        tokio::spawn(refuse_connection(stream));
+    }
+
+    /// Logs a notice and streams it to `baton events` clients.
+    fn notice(&mut self, notice: Notice) {
+        log(&notice, self.json_notices);
+        if !self.subscribers.is_empty() {
+            let reply = Reply::Notice(notice);
+            self.subscribers.retain(|s| s.send(reply.clone()).is_ok());
         }
     }
 
     fn control(&mut self, ControlCommand { request, reply }: ControlCommand) {
         match request {
-            Request::Reload { wait } => self.reload(Some(reply), wait),
+            Request::Reload { wait } => self.reload(Some((reply, wait))),
             Request::Status => {
                 let status = self.supervisor().status(Instant::now());
-                let doc = StatusDoc::new(status, &self.config.path, self.listeners.describe());
+                let listeners = self.listeners.describe().into_iter();
+                let listeners = listeners
+                    .map(|(name, address, _)| (name, address))
+                    .collect();
+                let doc = StatusDoc::new(status, &self.config_path, listeners);
                 let _ = reply.send(Reply::Status(doc));
             }
             Request::Stop => {
@@ -377,6 +389,7 @@ impl Shell {
                 self.stop_waiters.push(reply);
                 self.event(Event::Stop { fast: false });
             }
+            Request::Events => self.subscribers.push(reply),
         }
     }
 
@@ -406,14 +419,15 @@ impl Shell {
                     let _ = killpg(pgid, Signal::SIGKILL);
                 }
                 Action::Progress { waiter, progress } => {
-                    let done = matches!(progress, crate::core::Progress::Done(_));
+                    let last = progress.is_final();
                     if let Some(reply) = self.waiters.get(&waiter) {
                         let _ = reply.send(progress.into());
                     }
-                    if done {
+                    if last {
                         self.waiters.remove(&waiter);
                     }
                 }
+                Action::Notice(notice) => self.notice(notice),
                 Action::Upstream(message) => {
                     if let Some(upstream) = &self.upstream {
                         upstream.send(&message);
@@ -468,32 +482,10 @@ fn child_env(
 
 /// One control connection: read one request line (bounded in size and
 /// time), hand it to the loop, stream the replies back.
-async fn serve_connection(
-    stream: UnixStream,
-    group: Option<u32>,
-    commands: mpsc::UnboundedSender<ControlCommand>,
-) {
+async fn serve_connection(stream: UnixStream, commands: mpsc::UnboundedSender<ControlCommand>) {
     const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-    let cred = stream.peer_cred();
-    let allowed = cred.as_ref().is_ok_and(|c| peer_allowed(c, group));
     let (read, mut write) = stream.into_split();
     let send = |reply: &Reply| encode(reply);
-    if !allowed {
-        let who = cred.map_or_else(
-            |_| "unknown peer".to_owned(),
-            |c| format!("uid {} (pid {})", c.uid(), c.pid().unwrap_or(0)),
-        );
-        tracing::warn!(
-            "control connection from {who} refused: not root, baton's user or [control] group"
-        );
-        let refusal = Reply::Error {
-            message: "permission denied: only root, baton's own user and members of its \
-                      [control] group may control it"
-                .into(),
-        };
-        let _ = write.write_all(send(&refusal).as_bytes()).await;
-        return;
-    }
     let mut reader = BufReader::new(read).take(MAX_REQUEST as u64 + 1);
     let mut line = String::new();
     let read = tokio::time::timeout(READ_TIMEOUT, reader.read_line(&mut line)).await;
@@ -526,5 +518,40 @@ async fn serve_connection(
         if write.write_all(send(&reply).as_bytes()).await.is_err() {
             break;
         }
+    }
+}
+
+/// Tells a peer that may not use the control socket why, and closes.
+async fn refuse_connection(mut stream: UnixStream) {
+    let refusal = Reply::Error {
+        message: "permission denied: only root, baton's own user and members of its \
+                  [control] group may control it"
+            .into(),
+    };
+    let _ = stream.write_all(encode(&refusal).as_bytes()).await;
+}
+
+/// One log line per notice, at the notice's level. With JSON logs the
+/// record also carries the notice as JSON (its `notice` field): what log
+/// shippers index and what tests wait on.
+fn log(notice: &Notice, json: bool) {
+    macro_rules! at {
+        ($level:ident) => {
+            if json {
+                tracing::$level!(
+                    generation = notice.generation(),
+                    notice = %notice.to_json(),
+                    "{notice}"
+                )
+            } else {
+                tracing::$level!("{notice}")
+            }
+        };
+    }
+    match notice.level() {
+        Level::Error => at!(error),
+        Level::Warn => at!(warn),
+        Level::Info => at!(info),
+        Level::Debug => at!(debug),
     }
 }

@@ -39,6 +39,7 @@ pub mod config;
 pub mod control;
 pub mod core;
 pub mod daemon;
+pub mod notice;
 pub mod notify;
 pub mod sockets;
 pub mod spawn;

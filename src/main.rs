@@ -81,6 +81,19 @@ enum Command {
         #[arg(short, long, default_value = config::DEFAULT_PATH, env = "BATON_CONFIG")]
         config: PathBuf,
     },
+    /// Follow what the daemon does: one line per event (deploys, readiness,
+    /// drains, exits, refusals) until interrupted.
+    ///
+    /// The lines are those of the daemon's log; with --json each is one
+    /// JSON object with a `notice` field naming the event (the format the
+    /// daemon's `--log-format json` records carry), for scripts.
+    Events {
+        #[arg(short, long, default_value = config::DEFAULT_PATH, env = "BATON_CONFIG")]
+        config: PathBuf,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff) to stdout.
@@ -105,7 +118,13 @@ fn main() -> ExitCode {
             config,
             log_format,
             fd_store,
-        } => run(config, log_format, baton::daemon::Options { fd_store }),
+        } => {
+            let options = baton::daemon::Options {
+                fd_store,
+                json_notices: matches!(log_format, LogFormat::Json),
+            };
+            run(config, log_format, options)
+        }
         Command::Reload {
             config,
             wait,
@@ -114,6 +133,7 @@ fn main() -> ExitCode {
         Command::Status { config, json } => status(config, json),
         Command::Check { config } => check(config),
         Command::Stop { config } => stop(config),
+        Command::Events { config, json } => events(config, json),
         Command::Completions { shell } => {
             let mut cli = <Cli as clap::CommandFactory>::command();
             let mut out = Vec::new();
@@ -281,7 +301,7 @@ fn reload(path: PathBuf, wait: bool, timeout: Option<Duration>) -> u8 {
                 after_ms,
             } => println!(
                 "generation {generation} ready in {}",
-                baton::core::secs(Duration::from_secs_f64(after_ms / 1000.0))
+                baton::notice::secs(Duration::from_secs_f64(after_ms / 1000.0))
             ),
             Reply::Draining { generation, pid } => {
                 println!("draining generation {generation} (pid {pid})…")
@@ -298,7 +318,7 @@ fn reload(path: PathBuf, wait: bool, timeout: Option<Duration>) -> u8 {
                 eprintln!("baton: {message}");
                 return FAILED;
             }
-            Reply::Status(_) | Reply::Stopping => {}
+            Reply::Status(_) | Reply::Stopping | Reply::Notice(_) => {}
         }
     }
 }
@@ -368,6 +388,40 @@ fn stop(path: PathBuf) -> u8 {
                 println!("stopped");
                 return OK;
             }
+        }
+    }
+}
+
+fn events(path: PathBuf, json: bool) -> u8 {
+    let mut client = match connect(&path, &Request::Events, None) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    loop {
+        let line = match client.receive() {
+            Ok(Some(Reply::Notice(notice))) if json => notice.to_json(),
+            Ok(Some(Reply::Notice(notice))) => notice.to_string(),
+            Ok(Some(Reply::Error { message })) => {
+                eprintln!("baton: {message}");
+                return FAILED;
+            }
+            Ok(Some(_)) => continue,
+            // The daemon exited: the stream is over.
+            Ok(None) => return OK,
+            Err(e) => {
+                eprintln!("baton: {e}");
+                return USAGE;
+            }
+        };
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+            // `| head` closed the pipe: done.
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                return OK;
+            }
+            eprintln!("baton: {e}");
+            return FAILED;
         }
     }
 }

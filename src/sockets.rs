@@ -31,6 +31,8 @@ pub enum SocketError {
 /// The sockets, in config order (fd 3, 4, ... in every child).
 pub struct Listeners {
     sockets: Vec<(Listener, Socket)>,
+    /// For each socket, the fd systemd passed it on, if it was adopted.
+    adopted_fds: Vec<Option<i32>>,
     /// Unix socket files baton created, removed again at exit.
     created_files: Vec<PathBuf>,
 }
@@ -47,6 +49,7 @@ impl Listeners {
         }
         let mut listeners = Listeners {
             sockets: Vec::new(),
+            adopted_fds: Vec::new(),
             created_files: Vec::new(),
         };
         for l in &config.listeners {
@@ -59,8 +62,8 @@ impl Listeners {
             if let Address::Unix(path) = &l.address {
                 listeners.created_files.push(path.clone());
             }
-            tracing::info!("listening on {} ({})", l.address, l.name);
             listeners.sockets.push((l.clone(), socket));
+            listeners.adopted_fds.push(None);
         }
         Ok(listeners)
     }
@@ -83,19 +86,21 @@ impl Listeners {
         self.sockets.is_empty()
     }
 
-    /// Name and address of each listener; for IP sockets the address the
-    /// kernel bound, so a configured port 0 shows the port it got.
-    pub fn describe(&self) -> Vec<(String, String)> {
+    /// Name, address and (when adopted from systemd) the fd it came on, of
+    /// each listener; for IP sockets the address the kernel bound, so a
+    /// configured port 0 shows the port it got.
+    pub fn describe(&self) -> Vec<(String, String, Option<i32>)> {
         self.sockets
             .iter()
-            .map(|(l, s)| {
+            .zip(&self.adopted_fds)
+            .map(|((l, s), &adopted_fd)| {
                 let bound = s.local_addr().ok().and_then(|a| a.as_socket());
                 let address = match (&l.address, bound) {
                     (Address::Tcp(_), Some(a)) => Address::Tcp(a).to_string(),
                     (Address::Udp(_), Some(a)) => Address::Udp(a).to_string(),
                     (other, _) => other.to_string(),
                 };
-                (l.name.clone(), address)
+                (l.name.clone(), address, adopted_fd)
             })
             .collect()
     }
@@ -245,6 +250,7 @@ fn adopt(
     let names: Vec<&str> = names.map(|n| n.split(':').collect()).unwrap_or_default();
     let count = inherited.len();
     let mut sockets = Vec::new();
+    let mut adopted_fds = Vec::new();
     for (i, l) in config.listeners.iter().enumerate() {
         let index = match names.iter().position(|n| *n == l.name) {
             Some(index) => index,
@@ -286,20 +292,7 @@ fn adopt(
                 )))
             }
         };
-        let local = socket
-            .local_addr()
-            .ok()
-            .and_then(|a| {
-                a.as_socket()
-                    .map(|a| a.to_string())
-                    .or_else(|| a.as_pathname().map(|p| p.display().to_string()))
-            })
-            .unwrap_or_else(|| "?".to_owned());
-        tracing::info!(
-            "adopted socket `{}` from systemd (fd {}, {local})",
-            l.name,
-            3 + index
-        );
+        adopted_fds.push(Some(3 + index as i32));
         sockets.push((l.clone(), socket));
     }
     if count > sockets.len() {
@@ -310,6 +303,7 @@ fn adopt(
     }
     Ok(Listeners {
         sockets,
+        adopted_fds,
         created_files: Vec::new(),
     })
 }
@@ -356,6 +350,7 @@ mod tests {
         let socket = bind(&l).unwrap();
         let listeners = Listeners {
             sockets: vec![(l, socket)],
+            adopted_fds: vec![None],
             created_files: Vec::new(),
         };
         let s = &listeners.sockets[0].1;

@@ -1,0 +1,590 @@
+//! What baton tells the world, as types: the [`Notice`]s the core (and the
+//! shell, for its sockets) emits, and the outcome vocabulary they carry.
+//!
+//! The shell turns each notice into one log line (human, journald or JSON;
+//! the JSON record carries the notice itself in its `notice` field) and
+//! streams it to `baton events` clients. Tests and the benchmark wait on
+//! these types, never on a log line's wording, so the wording can change
+//! freely; the serialized form is part of the control protocol (fields may
+//! be added, never renamed).
+
+use std::fmt;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+
+/// How a child process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(#[serde(with = "signal_name")] Signal),
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitStatus::Code(c) => write!(f, "exited with code {c}"),
+            ExitStatus::Signal(s) => write!(f, "killed by signal {}", s.as_str()),
+        }
+    }
+}
+
+/// How a deploy ended. A failed deploy is an outcome, not an error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Succeeded {
+        generation: u64,
+        #[serde(rename = "ready_after_ms", with = "millis")]
+        ready_after: Duration,
+    },
+    Failed {
+        generation: u64,
+        reason: Failure,
+    },
+    /// baton is stopping; the deploy did not run or was abandoned.
+    Cancelled,
+}
+
+impl Outcome {
+    pub fn succeeded(&self) -> bool {
+        matches!(self, Outcome::Succeeded { .. })
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Succeeded {
+                generation,
+                ready_after,
+            } => write!(
+                f,
+                "generation {generation} is serving (ready after {})",
+                secs(*ready_after)
+            ),
+            Outcome::Failed { generation, reason } => {
+                write!(f, "generation {generation} failed: {reason}")
+            }
+            Outcome::Cancelled => f.write_str("cancelled: baton is stopping"),
+        }
+    }
+}
+
+/// Why a candidate failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Failure {
+    Exited(ExitStatus),
+    SpawnFailed(String),
+    /// Not ready within the readiness timeout (in milliseconds on the wire).
+    NotReady(#[serde(with = "millis")] Duration),
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Exited(status) => write!(f, "{status} before it was ready"),
+            Failure::SpawnFailed(e) => f.write_str(e),
+            Failure::NotReady(t) => write!(f, "not ready within {}", secs(*t)),
+        }
+    }
+}
+
+/// How severe a notice is: its log level and journald priority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
+/// One thing that happened, for the log, `baton events`, tests and the
+/// benchmark. Generations are numbered from 1; pids are the process ids
+/// baton started (each leads its own process group).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "notice", rename_all = "snake_case")]
+pub enum Notice {
+    /// A listener is open: bound by baton, or adopted from systemd's
+    /// `LISTEN_FDS` (`adopted_fd`).
+    Listening {
+        name: String,
+        address: String,
+        adopted_fd: Option<i32>,
+    },
+    /// A control connection from someone not allowed to use it.
+    ControlRefused {
+        uid: u32,
+        pid: Option<i32>,
+    },
+    /// A reload was refused before anything changed (invalid file, changed
+    /// listeners).
+    ReloadRefused {
+        reason: String,
+    },
+    /// `[control]` changed in the file; it takes effect at restart.
+    ControlChangeDeferred,
+    /// A reload arrived during a deploy: it follows as one more deploy.
+    ReloadQueued,
+    /// A generation is being started (its pid follows in `Started`).
+    Starting {
+        generation: u64,
+        cause: Cause,
+    },
+    Started {
+        generation: u64,
+        pid: i32,
+    },
+    /// The candidate is ready and becomes the current generation.
+    Ready {
+        generation: u64,
+        #[serde(rename = "after_ms", with = "millis")]
+        after: Duration,
+    },
+    /// The candidate failed; `serving` is the generation still serving.
+    CandidateFailed {
+        generation: u64,
+        reason: Failure,
+        serving: Option<u64>,
+    },
+    /// A generation was sent its drain signal.
+    Draining {
+        generation: u64,
+        pid: i32,
+        signal: String,
+    },
+    /// A draining (or failed) generation's process has exited.
+    Exited {
+        generation: u64,
+        pid: i32,
+        status: ExitStatus,
+    },
+    /// The current generation's process exited while serving.
+    Crashed {
+        generation: u64,
+        pid: i32,
+        status: ExitStatus,
+    },
+    /// Nothing serves; a restart follows after the backoff.
+    RestartScheduled {
+        #[serde(rename = "in_ms", with = "millis")]
+        after: Duration,
+        failures: u32,
+    },
+    /// A draining generation outlived its drain timeout: its process group
+    /// gets SIGKILL.
+    DrainTimedOut {
+        generation: u64,
+        pid: Option<i32>,
+        #[serde(rename = "timeout_ms", with = "millis")]
+        timeout: Duration,
+    },
+    /// More than the allowed number of generations drain: the oldest gets
+    /// SIGKILL now.
+    TooManyDraining {
+        generation: u64,
+        limit: usize,
+    },
+    /// A deploy ended (either way).
+    DeployFinished {
+        outcome: Outcome,
+        #[serde(rename = "took_ms", with = "millis")]
+        took: Duration,
+    },
+    /// One line per deploy, once its old generation has gone (or at once
+    /// when it failed or there was nothing to drain).
+    DeploySummary(Summary),
+    /// A notify datagram from a pid baton does not supervise.
+    ForeignNotify {
+        pid: i32,
+        ready: bool,
+    },
+    /// The application's `STATUS=` text.
+    AppStatus {
+        generation: u64,
+        status: String,
+    },
+    /// The application said `STOPPING=1`.
+    AppStopping {
+        generation: u64,
+    },
+    /// The application sent `MAINPID=`, which baton ignores.
+    MainPidIgnored {
+        generation: u64,
+        pid: i32,
+    },
+    /// A stop began: drain (`fast: false`) or kill every generation.
+    Stopping {
+        fast: bool,
+    },
+    /// Every generation has exited; baton exits.
+    AllExited,
+}
+
+/// Why a generation is started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    /// The first generation at start-up.
+    Initial,
+    /// Replacing a crashed current generation (or a failed initial one).
+    Restart,
+    /// A deploy asked for by a reload.
+    Deploy,
+}
+
+/// The one-line account of a deploy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub generation: u64,
+    pub ok: bool,
+    /// Success: how long the new generation took to be ready.
+    #[serde(rename = "ready_ms", with = "millis_opt")]
+    pub ready: Option<Duration>,
+    /// Success: the generation it replaced, how long that took to drain and
+    /// how it ended.
+    pub drained: Option<Drained>,
+    /// Failure: why, and after how long.
+    pub reason: Option<Failure>,
+    #[serde(rename = "took_ms", with = "millis")]
+    pub took: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Drained {
+    pub generation: u64,
+    #[serde(rename = "after_ms", with = "millis")]
+    pub after: Duration,
+    pub status: ExitStatus,
+}
+
+impl Notice {
+    pub fn level(&self) -> Level {
+        use Notice::*;
+        match self {
+            ReloadRefused { .. } | CandidateFailed { .. } | Crashed { .. } => Level::Error,
+            ControlRefused { .. }
+            | ControlChangeDeferred
+            | RestartScheduled { .. }
+            | DrainTimedOut { .. }
+            | TooManyDraining { .. }
+            | MainPidIgnored { .. } => Level::Warn,
+            ForeignNotify { ready, .. } if *ready => Level::Warn,
+            ForeignNotify { .. } | AppStatus { .. } => Level::Debug,
+            _ => Level::Info,
+        }
+    }
+
+    /// The generation this notice is about, if any.
+    pub fn generation(&self) -> Option<u64> {
+        use Notice::*;
+        match self {
+            Starting { generation, .. }
+            | Started { generation, .. }
+            | Ready { generation, .. }
+            | CandidateFailed { generation, .. }
+            | Draining { generation, .. }
+            | Exited { generation, .. }
+            | Crashed { generation, .. }
+            | DrainTimedOut { generation, .. }
+            | TooManyDraining { generation, .. }
+            | AppStatus { generation, .. }
+            | AppStopping { generation }
+            | MainPidIgnored { generation, .. } => Some(*generation),
+            DeploySummary(s) => Some(s.generation),
+            DeployFinished { outcome, .. } => match outcome {
+                Outcome::Succeeded { generation, .. } | Outcome::Failed { generation, .. } => {
+                    Some(*generation)
+                }
+                Outcome::Cancelled => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// The notice as one JSON object (`{"notice":"ready",...}`).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("notices serialize")
+    }
+}
+
+/// The log line's text.
+impl fmt::Display for Notice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use Notice::*;
+        match self {
+            Listening {
+                name,
+                address,
+                adopted_fd: None,
+            } => write!(f, "listening on {address} ({name})"),
+            Listening {
+                name,
+                address,
+                adopted_fd: Some(fd),
+            } => write!(
+                f,
+                "adopted socket `{name}` from systemd (fd {fd}, {address})"
+            ),
+            ControlRefused { uid, pid } => write!(
+                f,
+                "control connection from uid {uid} (pid {}) refused: not root, baton's user \
+                 or [control] group",
+                pid.unwrap_or(0)
+            ),
+            ReloadRefused { reason } => write!(f, "reload refused, nothing changed: {reason}"),
+            ControlChangeDeferred => {
+                f.write_str("[control] changes take effect when baton restarts")
+            }
+            ReloadQueued => f.write_str("reload requested during a deploy: queued to follow it"),
+            Starting { generation, .. } => write!(f, "starting generation {generation}"),
+            Started { generation, pid } => {
+                write!(f, "generation {generation} started as pid {pid}")
+            }
+            Ready { generation, after } => {
+                write!(f, "generation {generation} is ready after {}", secs(*after))
+            }
+            CandidateFailed {
+                generation,
+                reason,
+                serving,
+            } => {
+                write!(f, "generation {generation} failed: {reason}; ")?;
+                match serving {
+                    Some(old) => write!(f, "generation {old} still serving"),
+                    None => f.write_str("nothing serving"),
+                }
+            }
+            Draining {
+                generation,
+                pid,
+                signal,
+            } => write!(
+                f,
+                "draining generation {generation} (pid {pid}) with {signal}"
+            ),
+            Exited {
+                generation,
+                pid,
+                status,
+            } => write!(f, "generation {generation} (pid {pid}) {status}"),
+            Crashed {
+                generation,
+                pid,
+                status,
+            } => write!(
+                f,
+                "generation {generation} (pid {pid}) {status} while serving"
+            ),
+            RestartScheduled { after, failures } => {
+                write!(f, "restarting in {} (failure {failures})", secs(*after))
+            }
+            DrainTimedOut {
+                generation,
+                pid,
+                timeout,
+            } => write!(
+                f,
+                "generation {generation} (pid {}) still running after its drain timeout of {}: \
+                 killing its process group",
+                pid.map_or_else(|| "?".to_owned(), |p| p.to_string()),
+                secs(*timeout)
+            ),
+            TooManyDraining { generation, limit } => write!(
+                f,
+                "more than {limit} generations draining: killing generation {generation}"
+            ),
+            DeployFinished { outcome, .. } => write!(f, "deploy: {outcome}"),
+            DeploySummary(s) => s.fmt(f),
+            ForeignNotify { pid, ready: true } => {
+                write!(
+                    f,
+                    "ignoring READY=1 from pid {pid}: not a supervised process"
+                )
+            }
+            ForeignNotify { pid, ready: false } => {
+                write!(f, "ignoring notify message from unsupervised pid {pid}")
+            }
+            AppStatus { generation, status } => {
+                write!(f, "generation {generation} status: {status}")
+            }
+            AppStopping { generation } => write!(f, "generation {generation} is stopping"),
+            MainPidIgnored { generation, pid } => write!(
+                f,
+                "ignoring MAINPID= from pid {pid} (generation {generation}): baton tracks the \
+                 process it started"
+            ),
+            Stopping { fast: true } => f.write_str("fast stop: killing every generation"),
+            Stopping { fast: false } => f.write_str("graceful stop: draining every generation"),
+            AllExited => f.write_str("every generation has exited"),
+        }
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let id = self.generation;
+        match (&self.reason, &self.drained) {
+            (Some(reason), _) => write!(
+                f,
+                "deploy summary: generation {id} failed after {}: {reason}",
+                secs(self.took)
+            ),
+            (None, Some(d)) => write!(
+                f,
+                "deploy summary: generation {id} ok, ready in {}, generation {} drained in {} ({})",
+                secs(self.ready.unwrap_or_default()),
+                d.generation,
+                secs(d.after),
+                d.status
+            ),
+            (None, None) => write!(
+                f,
+                "deploy summary: generation {id} ok, ready in {}, nothing to drain",
+                secs(self.ready.unwrap_or_default())
+            ),
+        }
+    }
+}
+
+/// "3.2 ms", "0.42 s", "30 s": short, for logs and progress lines.
+pub fn secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s < 0.1 {
+        format!("{:.1} ms", s * 1000.0)
+    } else if s < 10.0 {
+        format!("{s:.2} s")
+    } else {
+        format!("{s:.0} s")
+    }
+}
+
+/// A duration on the wire: fractional milliseconds.
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64() * 1000.0)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let ms = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(ms / 1000.0).map_err(serde::de::Error::custom)
+    }
+}
+
+mod millis_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&(d.as_secs_f64() * 1000.0)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        Option::<f64>::deserialize(d)?
+            .map(|ms| Duration::try_from_secs_f64(ms / 1000.0).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// A signal on the wire: its name ("SIGTERM").
+mod signal_name {
+    use nix::sys::signal::Signal;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(signal: &Signal, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(signal.as_str())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Signal, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notices_round_trip_through_json() {
+        let notices = [
+            Notice::Ready {
+                generation: 7,
+                after: Duration::from_micros(420_500),
+            },
+            Notice::Exited {
+                generation: 6,
+                pid: 3990,
+                status: ExitStatus::Signal(Signal::SIGKILL),
+            },
+            Notice::DeploySummary(Summary {
+                generation: 3,
+                ok: false,
+                ready: None,
+                drained: None,
+                reason: Some(Failure::Exited(ExitStatus::Code(3))),
+                took: Duration::from_millis(12),
+            }),
+            Notice::AllExited,
+        ];
+        for notice in notices {
+            let json = notice.to_json();
+            let back: Notice = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, notice, "{json}");
+        }
+        assert_eq!(
+            Notice::Started {
+                generation: 2,
+                pid: 41
+            }
+            .to_json(),
+            r#"{"notice":"started","generation":2,"pid":41}"#
+        );
+        assert_eq!(
+            Notice::Ready {
+                generation: 2,
+                after: Duration::from_micros(1500)
+            }
+            .to_json(),
+            r#"{"notice":"ready","generation":2,"after_ms":1.5}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&ExitStatus::Signal(Signal::SIGTERM)).unwrap(),
+            r#"{"signal":"SIGTERM"}"#
+        );
+    }
+
+    #[test]
+    fn log_text_reads_as_before() {
+        let summary = Notice::DeploySummary(Summary {
+            generation: 2,
+            ok: true,
+            ready: Some(Duration::from_millis(420)),
+            drained: Some(Drained {
+                generation: 1,
+                after: Duration::from_millis(3),
+                status: ExitStatus::Code(0),
+            }),
+            reason: None,
+            took: Duration::from_millis(425),
+        });
+        assert_eq!(
+            summary.to_string(),
+            "deploy summary: generation 2 ok, ready in 0.42 s, generation 1 drained in 3.0 ms \
+             (exited with code 0)"
+        );
+    }
+}
