@@ -448,9 +448,22 @@ fn absolute_path(raw: &Spanned<String>, what: &str) -> Result<PathBuf, Invalid> 
     Ok(path)
 }
 
+/// The longest duration any setting takes. Deadlines are instants in the
+/// future; a bound keeps every one of them representable (issue 8: a
+/// timeout of 2^63 s passed `check` and aborted the daemon at its first
+/// drain).
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
 fn duration(raw: &RawDuration, default: Duration) -> Result<Duration, Invalid> {
     let Some(raw) = raw else { return Ok(default) };
     match humantime::parse_duration(raw.get_ref()) {
+        Ok(d) if d > MAX_DURATION => invalid(
+            raw.span(),
+            format!(
+                "duration `{}` is too long: at most 30 days (\"30d\")",
+                raw.get_ref()
+            ),
+        ),
         Ok(d) if !d.is_zero() => Ok(d),
         Ok(_) => invalid(raw.span(), "duration must be greater than zero"),
         Err(e) => invalid(
@@ -666,6 +679,29 @@ group = "root"
             e.starts_with("/etc/baton/t.toml:4:10: unknown signal `SIGNOPE`"),
             "{e}"
         );
+    }
+
+    /// Issue 8: `check` passed a 2^63 s timeout, and the daemon aborted on
+    /// "overflow when adding duration to instant" at its first drain.
+    #[test]
+    fn durations_are_bounded() {
+        for (table, key) in [
+            ("drain", "timeout"),
+            ("readiness", "timeout"),
+            ("restart", "backoff_max"),
+            ("restart", "backoff_initial"),
+        ] {
+            let text = format!("{MINIMAL}[{table}]\n{key} = \"10000000000000000000s\"\n");
+            let e = error(&text);
+            let column = key.len() + 4;
+            assert!(
+                e.starts_with(&format!("/etc/baton/t.toml:4:{column}: duration")),
+                "{e}"
+            );
+            assert!(e.contains("at most 30 days"), "{e}");
+        }
+        let c = parse(&format!("{MINIMAL}[drain]\ntimeout = \"30d\"\n")).unwrap();
+        assert_eq!(c.drain.timeout, MAX_DURATION);
     }
 
     #[test]

@@ -426,7 +426,7 @@ impl Supervisor {
         let readiness = config.readiness;
         let ready_at = match readiness.check {
             ReadinessCheck::Notify => None,
-            ReadinessCheck::Delay(d) => Some(now + d),
+            ReadinessCheck::Delay(d) => Some(deadline(now, d)),
         };
         actions.push(Action::Notice(Notice::Starting {
             generation: id,
@@ -437,7 +437,7 @@ impl Supervisor {
         if kind == Cause::Deploy && self.announced {
             actions.push(Action::Upstream(Upstream::Reloading));
             actions.push(Action::Upstream(Upstream::ExtendTimeout(
-                readiness.timeout + EXTEND_SLACK,
+                readiness.timeout.saturating_add(EXTEND_SLACK),
             )));
         }
         actions.push(Action::Spawn {
@@ -451,7 +451,7 @@ impl Supervisor {
                 pid: None,
                 started: now,
                 state: State::Starting {
-                    deadline: now + readiness.timeout,
+                    deadline: deadline(now, readiness.timeout),
                     ready_at,
                 },
                 status: None,
@@ -694,13 +694,13 @@ impl Supervisor {
             after: delay,
             failures: self.failures,
         }));
-        self.restart_at = Some(now + delay);
+        self.restart_at = Some(deadline(now, delay));
     }
 
     fn drain(&mut self, mut generation: Generation, now: Instant, actions: &mut Vec<Action>) {
         let drain = generation.config.drain;
         generation.state = State::Draining {
-            deadline: now + drain.timeout,
+            deadline: deadline(now, drain.timeout),
             killed: false,
         };
         if let Some(pid) = generation.pid {
@@ -854,7 +854,7 @@ impl Supervisor {
         {
             let left = last.saturating_duration_since(now);
             actions.push(Action::Upstream(Upstream::ExtendTimeout(
-                left + EXTEND_SLACK,
+                left.saturating_add(EXTEND_SLACK),
             )));
         }
     }
@@ -900,6 +900,15 @@ impl Supervisor {
             stopping: self.mode != Mode::Running,
         }
     }
+}
+
+/// `now + wait`, without a panic on overflow: the config bounds every
+/// duration (`config::MAX_DURATION`), and a wait beyond what `Instant` can
+/// hold is as good as that bound.
+fn deadline(now: Instant, wait: Duration) -> Instant {
+    now.checked_add(wait)
+        .or_else(|| now.checked_add(crate::config::MAX_DURATION))
+        .unwrap_or(now)
 }
 
 fn progress(waiter: WaiterId, progress: Progress) -> Action {
@@ -1652,6 +1661,38 @@ backoff_max = "1s"
             Action::Upstream(Upstream::Ready { .. })
         ));
         assert_eq!(h.states(), [(1, "ready")]);
+    }
+
+    /// Issue 8: deadlines past what `Instant` holds aborted the daemon.
+    /// The config bounds durations; the core must not panic regardless.
+    #[test]
+    fn huge_waits_do_not_panic() {
+        let mut text = (*config(BASE)).clone();
+        text.drain.timeout = Duration::MAX;
+        text.readiness.timeout = Duration::MAX;
+        text.restart.backoff_max = Duration::MAX;
+        text.restart.backoff_initial = Duration::MAX;
+        let huge = Arc::new(text);
+        let t0 = Instant::now();
+        let (mut s, _) = Supervisor::new(huge.clone(), t0, 1);
+        s.handle(
+            Event::Spawned {
+                generation: 1,
+                pid: pid(100),
+            },
+            t0,
+        );
+        s.handle(ready(100), t0);
+        s.handle(
+            Event::Reload {
+                config: Ok(huge),
+                waiter: None,
+            },
+            t0,
+        );
+        s.handle(exited(100, 1), t0); // crash while a deploy runs
+        s.handle(Event::Stop { fast: false }, t0);
+        assert!(s.next_deadline().is_some_and(|d| d > t0));
     }
 
     #[test]
