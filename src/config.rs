@@ -3,7 +3,7 @@
 //! Nothing downstream sees raw strings. Every error names the file, line and
 //! column and says what to do.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -126,11 +126,25 @@ pub enum ConfigError {
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Config::parse(path, &text)
+        let text = std::str::from_utf8(&bytes).map_err(|e| {
+            // Position of the first bad byte, counted in the valid part.
+            let valid = std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default();
+            let (line, column) = line_column(valid, valid.len());
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                line,
+                column,
+                message: format!(
+                    "invalid UTF-8 at byte {}: the file must be UTF-8 text",
+                    e.valid_up_to()
+                ),
+            }
+        })?;
+        Config::parse(path, text)
     }
 
     /// Validates `text` as if read from `path` (used for error positions and
@@ -259,8 +273,7 @@ struct RawListen {
 struct RawApp {
     command: Spanned<Vec<String>>,
     workdir: Option<Spanned<String>>,
-    #[serde(default)]
-    env: BTreeMap<String, String>,
+    env: Option<Spanned<BTreeMap<String, String>>>,
 }
 
 type RawDuration = Option<Spanned<String>>;
@@ -312,8 +325,10 @@ const DEFAULT_BACKLOG: i32 = 1024;
 impl RawConfig {
     fn validate(self, path: &Path) -> Result<Config, Invalid> {
         let mut listeners: Vec<Listener> = Vec::with_capacity(self.listen.len());
+        let mut names = HashSet::with_capacity(self.listen.len());
+        let mut unix_paths = Vec::with_capacity(self.listen.len());
         for raw in self.listen {
-            if listeners.iter().any(|l| l.name == *raw.name.get_ref()) {
+            if !names.insert(raw.name.get_ref().clone()) {
                 return invalid(
                     raw.name.span(),
                     format!(
@@ -322,12 +337,48 @@ impl RawConfig {
                     ),
                 );
             }
+            let span = raw.address.span();
             listeners.push(raw.validate()?);
+            unix_paths.push(span);
         }
-        let control_socket = match self.control.socket {
-            Some(s) => absolute_path(&s, "control socket")?,
+        let control_span = self.control.socket.as_ref().map_or(0..0, |s| s.span());
+        let control_socket = match &self.control.socket {
+            Some(s) => absolute_path(s, "control socket")?,
             None => default_control_socket(path),
         };
+        if control_socket.extension().is_some_and(|e| e == "notify") {
+            return invalid(
+                control_span,
+                "the control socket's name must not end in `.notify`: baton puts its notify \
+                 socket beside it under that name",
+            );
+        }
+        let notify_socket = notify_socket_for(&control_socket);
+        for (what, path) in [
+            ("control socket", &control_socket),
+            ("notify socket", &notify_socket),
+        ] {
+            unix_path_fits(path, what).map_err(|message| Invalid {
+                span: control_span.clone(),
+                message,
+            })?;
+        }
+        for (l, span) in listeners.iter().zip(unix_paths) {
+            let Address::Unix(p) = &l.address else {
+                continue;
+            };
+            if *p == control_socket || *p == notify_socket {
+                return invalid(
+                    span,
+                    format!(
+                        "listener `{}` is at {}, where baton's own control or notify socket \
+                         is: give it another path (or move [control] socket)",
+                        l.name,
+                        p.display()
+                    ),
+                );
+            }
+        }
         let control_group = match &self.control.group {
             None => None,
             Some(raw) => Some(lookup_group(raw)?),
@@ -412,6 +463,10 @@ fn parse_address(raw: &Spanned<String>) -> Result<Address, Invalid> {
                 format!("unix socket path in `{text}` must be absolute, e.g. \"unix:/run/app/app.sock\""),
             );
         }
+        unix_path_fits(path, "unix socket").map_err(|message| Invalid {
+            span: raw.span(),
+            message,
+        })?;
         return Ok(Address::Unix(path.to_owned()));
     }
     if let Some(rest) = text.strip_prefix("udp:") {
@@ -437,7 +492,36 @@ fn lookup_group(raw: &Spanned<String>) -> Result<Group, Invalid> {
     }
 }
 
+/// The longest path a unix socket can be bound at: `sun_path` holds 108
+/// bytes, the last one the terminating NUL (unix(7)).
+const MAX_UNIX_PATH: usize = 107;
+
+fn unix_path_fits(path: &Path, what: &str) -> Result<(), String> {
+    let len = path.as_os_str().len();
+    if len > MAX_UNIX_PATH {
+        return Err(format!(
+            "{what} path {} is {len} bytes long; a unix socket path holds at most \
+             {MAX_UNIX_PATH}: choose a shorter one",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// A NUL byte cannot be passed to exec, to open or to bind: reject it here,
+/// not at the first spawn.
+fn no_nul(span: &Range<usize>, what: &str, text: &str) -> Result<(), Invalid> {
+    if text.contains('\0') {
+        return invalid(
+            span.clone(),
+            format!("{what} contains a NUL byte (\\u0000), which no program can receive"),
+        );
+    }
+    Ok(())
+}
+
 fn absolute_path(raw: &Spanned<String>, what: &str) -> Result<PathBuf, Invalid> {
+    no_nul(&raw.span(), &format!("{what} path"), raw.get_ref())?;
     let path = PathBuf::from(raw.get_ref());
     if !path.is_absolute() {
         return invalid(
@@ -486,16 +570,76 @@ impl RawApp {
                 "command must name a program: command = [\"/path/to/server\", \"--flag\"]",
             );
         }
+        for arg in &command {
+            no_nul(&span, "command", arg)?;
+        }
         let workdir = match self.workdir {
             Some(w) => Some(absolute_path(&w, "workdir")?),
             None => None,
         };
+        let (env_span, env) = match self.env {
+            Some(env) => (env.span(), env.into_inner()),
+            None => (span.clone(), BTreeMap::new()),
+        };
+        for (key, value) in &env {
+            no_nul(&env_span, "env", &format!("{key}{value}"))?;
+            if key.is_empty() || key.contains('=') {
+                return invalid(
+                    env_span,
+                    format!("env name `{key}` must be non-empty and contain no `=`"),
+                );
+            }
+        }
+        // execve(2) fails with E2BIG past these; baton's own environment
+        // comes on top, so leave it room.
+        let longest = command.iter().map(String::len).max().unwrap_or(0);
+        let longest = env
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 1)
+            .fold(longest, usize::max);
+        if longest >= MAX_ARG_STRLEN {
+            return invalid(
+                span,
+                format!(
+                    "an argument or env entry is {longest} bytes; the kernel takes at most \
+                     {MAX_ARG_STRLEN} per string"
+                ),
+            );
+        }
+        let total: usize = command.iter().map(|a| a.len() + 1).sum::<usize>()
+            + env
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 2)
+                .sum::<usize>();
+        let limit = arg_max() / 2;
+        if total > limit {
+            return invalid(
+                span,
+                format!(
+                    "command and env take {total} bytes; at most {limit} fit (half of ARG_MAX, \
+                     leaving room for baton's own environment): pass large data in a file"
+                ),
+            );
+        }
         Ok(App {
             command,
             workdir,
-            env: self.env,
+            env,
         })
     }
+}
+
+/// The longest single argument or environment string (32 pages,
+/// `MAX_ARG_STRLEN` in linux/binfmts.h).
+const MAX_ARG_STRLEN: usize = 32 * 4096;
+
+/// The kernel's limit on argv + envp, as `sysconf(_SC_ARG_MAX)` tells it.
+fn arg_max() -> usize {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::ARG_MAX)
+        .ok()
+        .flatten()
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(128 * 1024)
 }
 
 impl RawReadiness {
@@ -715,6 +859,89 @@ group = "root"
     fn syntax_error_has_position() {
         let e = error("[app\ncommand = []\n");
         assert!(e.starts_with("/etc/baton/t.toml:1:"), "{e}");
+    }
+
+    /// Issue 8, defect 7: each of these passed `check` and then failed at
+    /// run, some as endless restart loops.
+    #[test]
+    fn check_rejects_what_run_would_fail_on() {
+        let long = format!("/tmp/{}", "s".repeat(110));
+        let big = "v".repeat(MAX_ARG_STRLEN);
+        let many: Vec<String> = (0..arg_max() / 100_000 + 1)
+            .map(|i| format!("K{i} = \"{}\"", "v".repeat(100_000)))
+            .collect();
+        let cases = [
+            (
+                "[app]\ncommand = [\"/bin/x\", \"a\\u0000b\"]\n".to_owned(),
+                "2:11",
+                "command contains a NUL byte",
+            ),
+            (
+                "[app]\ncommand = [\"x\"]\nenv = { A = \"\\u0000\" }\n".to_owned(),
+                "3:7",
+                "env contains a NUL byte",
+            ),
+            (
+                "[app]\ncommand = [\"x\"]\nworkdir = \"/srv\\u0000\"\n".to_owned(),
+                "3:11",
+                "workdir path contains a NUL byte",
+            ),
+            (
+                format!("[[listen]]\nname = \"a\"\naddress = \"unix:{long}\"\n{MINIMAL}"),
+                "3:11",
+                "is 115 bytes long; a unix socket path holds at most 107",
+            ),
+            (
+                format!("{MINIMAL}[control]\nsocket = \"{long}\"\n"),
+                "4:10",
+                "control socket path",
+            ),
+            (
+                format!("{MINIMAL}[control]\nsocket = \"/run/x.notify\"\n"),
+                "4:10",
+                "must not end in `.notify`",
+            ),
+            (
+                format!(
+                    "[[listen]]\nname = \"a\"\naddress = \"unix:/run/b.notify\"\n{MINIMAL}\
+                     [control]\nsocket = \"/run/b.sock\"\n"
+                ),
+                "3:11",
+                "where baton's own control or notify socket is",
+            ),
+            (
+                format!("[app]\ncommand = [\"x\", \"{big}\"]\n"),
+                "2:11",
+                "the kernel takes at most 131072 per string",
+            ),
+            (
+                format!("[app]\ncommand = [\"x\"]\n[app.env]\n{}\n", many.join("\n")),
+                "2:11",
+                "half of ARG_MAX",
+            ),
+        ];
+        for (text, position, message) in cases {
+            let e = error(&text);
+            assert!(
+                e.contains(&format!("t.toml:{position}: ")),
+                "{position} in {}",
+                &e[..e.len().min(300)]
+            );
+            assert!(
+                e.contains(message),
+                "{message} in {}",
+                &e[..e.len().min(300)]
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_is_reported_with_its_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, b"[app]\ncommand = [\"/bin/\xff\"]\n").unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(e.contains("bad.toml:2:18: invalid UTF-8 at byte 23"), "{e}");
     }
 
     #[test]

@@ -500,7 +500,10 @@ impl Supervisor {
         if message.stopping {
             actions.push(Action::Notice(Notice::AppStopping { generation: id }));
         }
-        if message.mainpid.is_some() {
+        // Apps written for systemd often name themselves; only another
+        // pid is worth a warning (baton tracks the process it started).
+        let names_another = |p: &String| p.trim().parse::<i32>() != Ok(pid.as_raw());
+        if message.mainpid.as_ref().is_some_and(names_another) {
             actions.push(Action::Notice(Notice::MainPidIgnored {
                 generation: id,
                 pid: pid.as_raw(),
@@ -1473,6 +1476,27 @@ backoff_max = "1s"
             [Notice::ForeignNotify {
                 pid: 999,
                 ready: true
+            }]
+        );
+    }
+
+    /// Issue 8: `READY=1\nMAINPID=<its own pid>` warned on every deploy.
+    #[test]
+    fn mainpid_naming_the_sender_itself_is_not_a_warning() {
+        let mut h = Harness::serving();
+        h.take_notices();
+        let notify = |text: &[u8]| Event::Notify {
+            pid: pid(100),
+            message: Message::parse(text),
+        };
+        h.on(notify(b"MAINPID=100"));
+        assert_eq!(h.take_notices(), []);
+        h.on(notify(b"MAINPID=4242"));
+        assert_eq!(
+            h.take_notices(),
+            [Notice::MainPidIgnored {
+                generation: 1,
+                pid: 100
             }]
         );
     }

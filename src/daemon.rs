@@ -535,16 +535,18 @@ async fn refuse_connection(mut stream: UnixStream) {
 /// record also carries the notice as JSON (its `notice` field): what log
 /// shippers index and what tests wait on.
 fn log(notice: &Notice, json: bool) {
+    let text = notice.to_string();
+    let text = printable(&text);
     macro_rules! at {
         ($level:ident) => {
             if json {
                 tracing::$level!(
                     generation = notice.generation(),
                     notice = %notice.to_json(),
-                    "{notice}"
+                    "{text}"
                 )
             } else {
-                tracing::$level!("{notice}")
+                tracing::$level!("{text}")
             }
         };
     }
@@ -553,5 +555,36 @@ fn log(notice: &Notice, json: bool) {
         Level::Warn => at!(warn),
         Level::Info => at!(info),
         Level::Debug => at!(debug),
+    }
+}
+
+/// `text` with control characters escaped (`\0`, `\u{1b}`): an app's
+/// `STATUS=` text must not write raw bytes into a terminal or split a log
+/// line in two.
+fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 8: a NUL byte in an app's STATUS= went raw into the log.
+    #[test]
+    fn control_characters_never_reach_the_log_raw() {
+        assert_eq!(printable("ready"), "ready");
+        assert_eq!(printable("a\0b\nc\u{1b}[31m"), "a\\u{0}b\\nc\\u{1b}[31m");
     }
 }

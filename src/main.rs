@@ -340,8 +340,16 @@ fn status(path: PathBuf, json: bool) -> u8 {
             }
             OK
         }
-        Ok(other) => {
-            eprintln!("baton: unexpected reply: {other:?}");
+        Ok(Some(Reply::Error { message })) => {
+            eprintln!("baton: {message}");
+            USAGE
+        }
+        Ok(None) => {
+            eprintln!("baton: the daemon closed the connection without a status");
+            USAGE
+        }
+        Ok(Some(_)) => {
+            eprintln!("baton: the daemon answered something other than a status");
             USAGE
         }
         Err(e) => {
@@ -375,14 +383,15 @@ fn stop(path: PathBuf) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    println!("stopping: draining every generation…");
-    // The daemon keeps the connection open until it exits.
+    // The daemon says `stopping` first, then keeps the connection open
+    // until it exits.
     loop {
         match client.receive() {
             Ok(Some(Reply::Error { message })) => {
                 eprintln!("baton: {message}");
                 return FAILED;
             }
+            Ok(Some(Reply::Stopping)) => println!("stopping: draining every generation…"),
             Ok(Some(_)) => continue,
             Ok(None) | Err(_) => {
                 println!("stopped");

@@ -221,11 +221,24 @@ fn remove_stale(path: &Path) -> io::Result<()> {
     }
     match UnixStream::connect(path) {
         Ok(stream) => {
-            // The listener's credentials, recorded by the kernel at listen().
-            let owner =
+            // The kernel records who called listen(); that process may be
+            // gone (a killed baton whose children still hold the socket),
+            // so name the processes that hold it now.
+            let listened =
                 nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
-                    .map(|c| format!(" (pid {})", c.pid()))
-                    .unwrap_or_default();
+                    .map(|c| c.pid())
+                    .ok();
+            let mut holders = holders_of(path);
+            if holders.is_empty() {
+                holders.extend(listened.filter(|&pid| Path::new(&format!("/proc/{pid}")).exists()));
+            }
+            let owner = match holders.as_slice() {
+                [] => String::new(),
+                pids => {
+                    let named: Vec<String> = pids.iter().map(|&p| describe_pid(p)).collect();
+                    format!(" ({})", named.join(", "))
+                }
+            };
             Err(io::Error::new(
                 io::ErrorKind::AddrInUse,
                 format!("{} is in use by a running process{owner}", path.display()),
@@ -236,6 +249,59 @@ fn remove_stale(path: &Path) -> io::Result<()> {
             std::fs::remove_file(path)
         }
         Err(e) => Err(e),
+    }
+}
+
+/// The pids holding the listening unix socket bound at `path`: its inode
+/// from /proc/net/unix, then every /proc/PID/fd pointing at it (only the
+/// processes this user may inspect; a few at most are named).
+fn holders_of(path: &Path) -> Vec<i32> {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return Vec::new();
+    };
+    let wanted = path.as_os_str().to_string_lossy();
+    // "Num RefCount Protocol Flags Type St Inode Path"; St 01 = listening.
+    let inode = table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.len() >= 8 && fields[5] == "01" && fields[7] == wanted).then(|| fields[6])
+    });
+    let Some(inode) = inode else {
+        return Vec::new();
+    };
+    let target = format!("socket:[{inode}]");
+    let mut pids = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == &*target));
+        if holds {
+            pids.push(pid);
+            if pids.len() == 4 {
+                break;
+            }
+        }
+    }
+    pids
+}
+
+/// "pid 4121 (hello)".
+fn describe_pid(pid: i32) -> String {
+    match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+        Ok(comm) => format!("pid {pid} ({})", comm.trim_end()),
+        Err(_) => format!("pid {pid}"),
     }
 }
 
@@ -328,6 +394,40 @@ mod tests {
         bind_unix(&path, 0o640).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o640);
+    }
+
+    /// Issue 8: the error named the pid that called listen() (a killed
+    /// baton), not the children that still held the socket.
+    #[test]
+    fn live_socket_error_names_the_process_holding_it() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("held.sock");
+        let first = bind_unix(&path, 0o600).unwrap();
+        first.listen(8).unwrap();
+        // Hand it to a child, as baton hands listeners to a generation.
+        let fd = first.as_raw_fd();
+        nix::fcntl::fcntl(
+            &first,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .unwrap();
+        let mut holder = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        drop(first);
+        let err = bind_unix(&path, 0o600).unwrap_err().to_string();
+        let _ = holder.kill();
+        let _ = holder.wait();
+        assert!(
+            err.contains(&format!("pid {} (sleep)", holder.id())),
+            "{err} (fd {fd})"
+        );
+        assert!(
+            !err.contains(&format!("pid {} ", std::process::id())),
+            "{err}"
+        );
     }
 
     #[test]

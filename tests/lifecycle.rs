@@ -300,7 +300,7 @@ fn second_baton_on_the_same_config_is_refused() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let expected = format!(
-        "in use by a running process (pid {}): another baton runs",
+        "in use by a running process (pid {} (baton)): another baton runs",
         baton.pid()
     );
     assert!(stderr.contains(&expected), "{stderr}");
