@@ -46,6 +46,17 @@ pub enum DaemonError {
     Runtime(std::io::Error),
 }
 
+/// How often the listeners are checked for a child's `shutdown()`.
+const LISTENER_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long the control socket stops accepting after accept() failed.
+const ACCEPT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(50);
+const ACCEPT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Control connections served at once; more are refused with an error
+/// line, so idle clients cannot exhaust baton's fds.
+const MAX_CONTROL_CONNECTIONS: usize = 64;
+
 /// Variables systemd sets for baton itself; a child must not see baton's
 /// values (it gets its own LISTEN_* and NOTIFY_SOCKET).
 const SYSTEMD_VARS: &[&str] = &[
@@ -128,6 +139,8 @@ pub fn run(config_path: &Path, options: Options) -> Result<i32, DaemonError> {
             next_waiter: 1,
             stop_waiters: Vec::new(),
             subscribers: Vec::new(),
+            connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_CONNECTIONS)),
+            throttle: Throttle::default(),
             json_notices: options.json_notices,
             exit: None,
         };
@@ -226,6 +239,11 @@ struct Shell {
     stop_waiters: Vec<mpsc::UnboundedSender<Reply>>,
     /// `baton events` clients: every notice from now on.
     subscribers: Vec<mpsc::UnboundedSender<Reply>>,
+    /// Permits for control connections being served.
+    connections: Arc<tokio::sync::Semaphore>,
+    /// Limits notices that others can cause at will (foreign notify
+    /// datagrams, refused connections, an app's STATUS= flood).
+    throttle: Throttle,
     json_notices: bool,
     exit: Option<i32>,
 }
@@ -260,6 +278,13 @@ impl Shell {
         self.supervisor = Some(supervisor);
         self.execute(actions);
 
+        // A child's shutdown() on a listener refuses every connection until
+        // noticed: look at least once a second (and after each exit, before
+        // each spawn).
+        let mut accept_paused: Option<tokio::time::Instant> = None;
+        let mut accept_backoff = ACCEPT_BACKOFF_MIN;
+        let mut listener_check = tokio::time::interval(LISTENER_CHECK);
+        listener_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut watchdog = self
             .watchdog
             .map(|interval| tokio::time::interval(interval / 2));
@@ -285,16 +310,32 @@ impl Shell {
                     Err(e) => tracing::warn!("notify socket: {e}"),
                 },
                 Some(command) = commands.recv() => self.control(command),
-                accepted = control.accept() => match accepted {
-                    Ok((stream, _)) => self.accept(stream, &commands_tx),
-                    Err(e) => tracing::warn!("control socket: {e}"),
+                accepted = control.accept(), if accept_paused.is_none() => match accepted {
+                    Ok((stream, _)) => {
+                        accept_backoff = ACCEPT_BACKOFF_MIN;
+                        self.accept(stream, &commands_tx);
+                    }
+                    Err(e) => {
+                        // Out of fds (EMFILE/ENFILE), say: accept() would
+                        // fail again at once. Pause, growing up to 1 s; one
+                        // line per pause.
+                        tracing::warn!(
+                            "control socket: {e}; not accepting for {}",
+                            crate::notice::secs(accept_backoff)
+                        );
+                        accept_paused = Some(tokio::time::Instant::now() + accept_backoff);
+                        accept_backoff = (accept_backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                    }
                 },
+                _ = async { tokio::time::sleep_until(accept_paused.expect("checked")).await },
+                    if accept_paused.is_some() => accept_paused = None,
                 _ = sleep => {
                     // Exits first: a candidate that died just as its
                     // `delay` ran out must not be promoted.
                     self.reap();
                     self.event(Event::Tick);
                 }
+                _ = listener_check.tick() => self.check_listeners(),
                 _ = async { watchdog.as_mut().expect("checked").tick().await }, if watchdog.is_some() => {
                     if let Some(upstream) = &self.upstream {
                         upstream.send_text("WATCHDOG=1");
@@ -328,7 +369,7 @@ impl Shell {
                 Ok(_) => continue,
             };
             self.event(Event::Exited { pid, status });
-            self.listeners.relisten_if_shut_down();
+            self.check_listeners();
         }
     }
 
@@ -355,16 +396,59 @@ impl Shell {
             .as_ref()
             .is_ok_and(|c| peer_allowed(c, self.control_group))
         {
-            tokio::spawn(serve_connection(stream, commands.clone()));
+            match self.connections.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let commands = commands.clone();
+                    tokio::spawn(async move {
+                        serve_connection(stream, commands).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    let busy = format!(
+                        "too many control connections ({MAX_CONTROL_CONNECTIONS} open): try again"
+                    );
+                    tokio::spawn(refuse_connection(stream, busy));
+                }
+            }
             return;
         }
         let (uid, pid) = cred.map_or((u32::MAX, None), |c| (c.uid(), c.pid()));
         self.notice(Notice::ControlRefused { uid, pid });
-        tokio::spawn(refuse_connection(stream));
+        let denied = "permission denied: only root, baton's own user and members of its \
+                      [control] group may control it";
+        tokio::spawn(refuse_connection(stream, denied.to_owned()));
+    }
+
+    /// Listens again on any listener a child has shut down.
+    fn check_listeners(&mut self) {
+        let restored = self.listeners.relisten_if_shut_down();
+        if restored.is_empty() {
+            return;
+        }
+        let status = self.supervisor().status(Instant::now());
+        let generations: Vec<u64> = status.generations.iter().map(|g| g.generation).collect();
+        for (name, address, error) in restored {
+            self.notice(Notice::ListenerRestored {
+                name,
+                address,
+                generations: generations.clone(),
+                error,
+            });
+        }
     }
 
     /// Logs a notice and streams it to `baton events` clients.
     fn notice(&mut self, notice: Notice) {
+        if notice.floods() {
+            match self.throttle.admit(&notice, std::time::Instant::now()) {
+                Admit::Yes => {}
+                Admit::No => return,
+                Admit::AfterSuppressed(n) => {
+                    tracing::warn!("{n} more like the next line were not logged in the last second")
+                }
+            }
+        }
         log(&notice, self.json_notices);
         if !self.subscribers.is_empty() {
             let reply = Reply::Notice(notice);
@@ -400,6 +484,7 @@ impl Shell {
         while let Some(action) = queue.pop_front() {
             match action {
                 Action::Spawn { generation, config } => {
+                    self.check_listeners();
                     let event = match self.spawn(generation, &config) {
                         Ok(pid) => Event::Spawned { generation, pid },
                         Err(e) => Event::SpawnFailed {
@@ -521,14 +606,12 @@ async fn serve_connection(stream: UnixStream, commands: mpsc::UnboundedSender<Co
     }
 }
 
-/// Tells a peer that may not use the control socket why, and closes.
-async fn refuse_connection(mut stream: UnixStream) {
-    let refusal = Reply::Error {
-        message: "permission denied: only root, baton's own user and members of its \
-                  [control] group may control it"
-            .into(),
-    };
-    let _ = stream.write_all(encode(&refusal).as_bytes()).await;
+/// Tells a peer why it is not served, and closes (bounded: a peer that
+/// does not read cannot hold the task).
+async fn refuse_connection(mut stream: UnixStream, message: String) {
+    let refusal = encode(&Reply::Error { message });
+    let write = stream.write_all(refusal.as_bytes());
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), write).await;
 }
 
 /// One log line per notice, at the notice's level. With JSON logs the
@@ -581,10 +664,89 @@ fn printable(text: &str) -> std::borrow::Cow<'_, str> {
 mod tests {
     use super::*;
 
+    /// Issue 8: a flood of 100k forged notify datagrams wrote 100k lines.
+    #[test]
+    fn a_flood_is_logged_as_a_few_lines_and_a_count() {
+        let mut t = Throttle::default();
+        let t0 = Instant::now();
+        let foreign = Notice::ForeignNotify {
+            pid: 1,
+            ready: true,
+        };
+        let shown = (0..100_000)
+            .filter(|_| matches!(t.admit(&foreign, t0), Admit::Yes))
+            .count();
+        assert_eq!(shown, Throttle::PER_SECOND as usize);
+        // Another kind has its own budget.
+        let refused = Notice::ControlRefused { uid: 7, pid: None };
+        assert!(matches!(t.admit(&refused, t0), Admit::Yes));
+        let later = t0 + std::time::Duration::from_secs(1);
+        assert!(matches!(
+            t.admit(&foreign, later),
+            Admit::AfterSuppressed(99_990)
+        ));
+        assert!(matches!(t.admit(&foreign, later), Admit::Yes));
+    }
+
     /// Issue 8: a NUL byte in an app's STATUS= went raw into the log.
     #[test]
     fn control_characters_never_reach_the_log_raw() {
         assert_eq!(printable("ready"), "ready");
         assert_eq!(printable("a\0b\nc\u{1b}[31m"), "a\\u{0}b\\nc\\u{1b}[31m");
+    }
+}
+
+/// At most [`Throttle::PER_SECOND`] notices of one kind a second; the rest
+/// are counted and reported as one line when the next one is let through.
+#[derive(Default)]
+struct Throttle {
+    kinds: HashMap<std::mem::Discriminant<Notice>, Window>,
+}
+
+#[derive(Clone, Copy)]
+struct Window {
+    start: Instant,
+    shown: u32,
+    suppressed: u64,
+}
+
+enum Admit {
+    Yes,
+    No,
+    /// Yes, after this many were suppressed.
+    AfterSuppressed(u64),
+}
+
+impl Throttle {
+    const PER_SECOND: u32 = 10;
+
+    fn admit(&mut self, notice: &Notice, now: Instant) -> Admit {
+        let window = self
+            .kinds
+            .entry(std::mem::discriminant(notice))
+            .or_insert(Window {
+                start: now,
+                shown: 0,
+                suppressed: 0,
+            });
+        if now.saturating_duration_since(window.start) >= std::time::Duration::from_secs(1) {
+            let suppressed = window.suppressed;
+            *window = Window {
+                start: now,
+                shown: 1,
+                suppressed: 0,
+            };
+            return match suppressed {
+                0 => Admit::Yes,
+                n => Admit::AfterSuppressed(n),
+            };
+        }
+        if window.shown < Self::PER_SECOND {
+            window.shown += 1;
+            Admit::Yes
+        } else {
+            window.suppressed += 1;
+            Admit::No
+        }
     }
 }

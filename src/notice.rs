@@ -115,6 +115,16 @@ pub enum Notice {
         address: String,
         adopted_fd: Option<i32>,
     },
+    /// A listener had stopped listening because a child called
+    /// `shutdown()` on its copy (it must `close()` it): baton listened
+    /// again (or could not: `error`). `generations` were running then;
+    /// one of them did it.
+    ListenerRestored {
+        name: String,
+        address: String,
+        generations: Vec<u64>,
+        error: Option<String>,
+    },
     /// A control connection from someone not allowed to use it.
     ControlRefused {
         uid: u32,
@@ -266,6 +276,8 @@ impl Notice {
         use Notice::*;
         match self {
             ReloadRefused { .. } | CandidateFailed { .. } | Crashed { .. } => Level::Error,
+            ListenerRestored { error: Some(_), .. } => Level::Error,
+            ListenerRestored { .. } => Level::Warn,
             ControlRefused { .. }
             | ControlChangeDeferred
             | RestartScheduled { .. }
@@ -276,6 +288,19 @@ impl Notice {
             ForeignNotify { .. } | AppStatus { .. } => Level::Debug,
             _ => Level::Info,
         }
+    }
+
+    /// Whether others can cause this notice at will (a flood of forged
+    /// notify datagrams, of refused connections, an app's STATUS= stream):
+    /// such notices are rate-limited in the log. Deploy notices never are.
+    pub fn floods(&self) -> bool {
+        matches!(
+            self,
+            Notice::ForeignNotify { .. }
+                | Notice::ControlRefused { .. }
+                | Notice::AppStatus { .. }
+                | Notice::MainPidIgnored { .. }
+        )
     }
 
     /// The generation this notice is about, if any.
@@ -329,6 +354,28 @@ impl fmt::Display for Notice {
                 f,
                 "adopted socket `{name}` from systemd (fd {fd}, {address})"
             ),
+            ListenerRestored {
+                name,
+                address,
+                generations,
+                error,
+            } => {
+                let who: Vec<String> = generations.iter().map(u64::to_string).collect();
+                write!(
+                    f,
+                    "listener `{name}` ({address}) had stopped listening: a process of \
+                     generation {} called shutdown() on it (it must close() its copy instead); ",
+                    if who.is_empty() {
+                        "?".to_owned()
+                    } else {
+                        who.join(" or ")
+                    }
+                )?;
+                match error {
+                    None => f.write_str("listening again"),
+                    Some(e) => write!(f, "cannot listen again: {e}"),
+                }
+            }
             ControlRefused { uid, pid } => write!(
                 f,
                 "control connection from uid {uid} (pid {}) refused: not root, baton's user \

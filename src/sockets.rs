@@ -106,24 +106,21 @@ impl Listeners {
     }
 
     /// A child that called `shutdown()` on its copy of a listener stops it
-    /// for every process (SO_ACCEPTCONN drops to 0). Listen again, loudly.
-    pub fn relisten_if_shut_down(&self) {
+    /// for every process (SO_ACCEPTCONN drops to 0). Listens again on each
+    /// such socket; returns their names and addresses, and the error if
+    /// listening again failed.
+    pub fn relisten_if_shut_down(&self) -> Vec<(String, String, Option<String>)> {
+        let mut restored = Vec::new();
         for (l, s) in &self.sockets {
             if matches!(l.address, Address::Udp(_)) {
                 continue;
             }
             if let Ok(false) = s.is_listener() {
-                tracing::warn!(
-                    "listener `{}` ({}) stopped listening: a child called shutdown() on it \
-                     (it must close() its copy instead); listening again",
-                    l.name,
-                    l.address
-                );
-                if let Err(e) = s.listen(l.backlog) {
-                    tracing::error!("cannot listen again on {}: {e}", l.address);
-                }
+                let error = s.listen(l.backlog).err().map(|e| e.to_string());
+                restored.push((l.name.clone(), l.address.to_string(), error));
             }
         }
+        restored
     }
 
     /// Pushes every listener into systemd's fd store under its name; they
@@ -457,7 +454,10 @@ mod tests {
         assert!(s.is_listener().unwrap());
         s.shutdown(std::net::Shutdown::Read).unwrap();
         assert!(!s.is_listener().unwrap());
-        listeners.relisten_if_shut_down();
+        let restored = listeners.relisten_if_shut_down();
+        assert_eq!(restored.len(), 1);
+        assert_eq!(restored[0].2, None);
         assert!(s.is_listener().unwrap());
+        assert!(listeners.relisten_if_shut_down().is_empty());
     }
 }
