@@ -311,6 +311,25 @@ impl Client {
     /// Connects and sends `request`. `timeout` bounds each read.
     pub fn send(socket: &Path, request: &Request, timeout: Option<Duration>) -> io::Result<Client> {
         let mut stream = UnixStream::connect(socket)?;
+        // Whoever listens there must be root or this user: another user
+        // who planted a socket at this path (a /tmp directory made first)
+        // would otherwise be believed when it says "deployed".
+        let peer =
+            nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+                .map_err(io::Error::from)?;
+        let me = nix::unistd::geteuid().as_raw();
+        if peer.uid() != 0 && peer.uid() != me {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} is served by uid {} (pid {}), neither root nor you (uid {me}): \
+                     not trusting it; check who made that directory",
+                    socket.display(),
+                    peer.uid(),
+                    peer.pid()
+                ),
+            ));
+        }
         stream.set_read_timeout(timeout)?;
         match stream.write_all(encode(request).as_bytes()) {
             // The daemon refused the connection before reading the request;

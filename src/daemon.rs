@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -162,7 +163,18 @@ fn bind_control(config: &Config) -> Result<std::os::unix::net::UnixListener, Dae
         source,
     };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
+        // Members of [control] group must be able to reach the socket.
+        let dir_mode = if config.control_group.is_some() {
+            0o755
+        } else {
+            0o700
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(dir_mode)
+            .create(dir)
+            .map_err(err)?;
+        safe_directory(dir).map_err(err)?;
     }
     let mode = if config.control_group.is_some() {
         0o660
@@ -188,6 +200,40 @@ fn bind_control(config: &Config) -> Result<std::os::unix::net::UnixListener, Dae
     Ok(std::os::unix::net::UnixListener::from(
         std::os::fd::OwnedFd::from(socket),
     ))
+}
+
+/// Refuses a directory for baton's sockets that another user could have
+/// made or can write: they could replace the sockets with their own
+/// (issue 8: another user created `/tmp/baton-<uid>` 0777 first and
+/// answered `reload --wait` with a fake success).
+fn safe_directory(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir)?;
+    let me = nix::unistd::geteuid().as_raw();
+    let problem = if meta.uid() != me && meta.uid() != 0 {
+        Some(format!(
+            "is owned by uid {}, not by baton's uid {me} or root",
+            meta.uid()
+        ))
+    } else if meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0 {
+        Some(format!(
+            "can be written by other users (mode {:o})",
+            meta.mode() & 0o7777
+        ))
+    } else {
+        None
+    };
+    match problem {
+        None => Ok(()),
+        Some(problem) => Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "directory {} {problem}: another user could take over the control socket; \
+                 remove it, or set [control] socket to a path in a directory only you can write",
+                dir.display()
+            ),
+        )),
+    }
 }
 
 /// Who may use the control socket: root, baton's own user, and members of
@@ -663,6 +709,33 @@ fn printable(text: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 8: another user's /tmp/baton-<uid> (0777, or theirs) must not
+    /// hold baton's control socket.
+    #[test]
+    fn socket_directories_others_can_write_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        assert!(safe_directory(dir.path()).is_ok());
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = safe_directory(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("can be written by other users (mode 777)"),
+            "{e}"
+        );
+        // /tmp itself is sticky: every user's own entries stay theirs.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(safe_directory(dir.path()).is_ok());
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            let other = Some(nix::unistd::Uid::from_raw(4242));
+            nix::unistd::chown(dir.path(), other, None).unwrap();
+            let e = safe_directory(dir.path()).unwrap_err().to_string();
+            assert!(e.contains("is owned by uid 4242"), "{e}");
+        } else {
+            eprintln!("skipped the other-owner half of this test: needs root to chown");
+        }
+    }
 
     /// Issue 8: a flood of 100k forged notify datagrams wrote 100k lines.
     #[test]
