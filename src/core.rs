@@ -72,9 +72,15 @@ pub enum Action {
         pid: Pid,
         signal: Signal,
     },
-    /// SIGKILL to the process group `pgid` (each generation leads its own).
-    KillGroup {
-        pgid: Pid,
+    /// SIGKILL to what is left of `generation`: the process group its
+    /// process `pid` leads, `pid` itself when it may still run (`leader`;
+    /// never once reaped: the number may belong to another process by
+    /// then), and processes baton adopted as subreaper that carry its
+    /// `BATON_GENERATION` (a grandchild that left the group with setsid()).
+    Kill {
+        generation: u64,
+        pid: Pid,
+        leader: bool,
     },
     Progress {
         waiter: WaiterId,
@@ -171,7 +177,23 @@ impl Generation {
             _ => None,
         }
     }
+
+    /// When a killed generation whose process still has not been reaped is
+    /// given up on (a process in uninterruptible sleep, say).
+    fn give_up_deadline(&self) -> Option<Instant> {
+        match self.state {
+            State::Draining {
+                deadline,
+                killed: true,
+            } => Some(deadline),
+            _ => None,
+        }
+    }
 }
+
+/// How long a killed process may take to be reaped before baton stops
+/// waiting for it (and names it): `baton stop` always finishes.
+const KILL_GRACE: Duration = Duration::from_secs(5);
 
 /// Lifecycle of a generation. A process may already have exited while its
 /// generation is still in any of these states: the core learns it from
@@ -187,6 +209,8 @@ enum State {
         since: Instant,
         latency: Duration,
     },
+    /// `deadline`: the drain deadline, or once `killed`, when baton gives
+    /// up waiting for the exit.
     Draining {
         deadline: Instant,
         killed: bool,
@@ -311,7 +335,10 @@ impl Supervisor {
                 }
                 _ => None,
             });
-        let draining = self.draining.iter().filter_map(Generation::drain_deadline);
+        let draining = self
+            .draining
+            .iter()
+            .filter_map(|g| g.drain_deadline().or(g.give_up_deadline()));
         candidate
             .into_iter()
             .chain(draining)
@@ -645,7 +672,11 @@ impl Supervisor {
             // queue: stop it like a draining generation.
             (Failure::NotReady(_), Some(_)) => self.drain(generation, now, actions),
             // Exited: clean up whatever it left in its process group.
-            (Failure::Exited(_), Some(pid)) => actions.push(Action::KillGroup { pgid: pid }),
+            (Failure::Exited(_), Some(pid)) => actions.push(Action::Kill {
+                generation: id,
+                pid,
+                leader: false,
+            }),
             _ => {}
         }
         let serving = self.current.as_ref().map(|g| g.id);
@@ -726,7 +757,7 @@ impl Supervisor {
                     generation: oldest.id,
                     limit: MAX_DRAINING,
                 }));
-                kill(oldest, actions);
+                kill(oldest, now, actions);
             }
         }
     }
@@ -764,7 +795,11 @@ impl Supervisor {
                 })));
             }
             // KillMode=mixed: what the main process left behind goes too.
-            actions.push(Action::KillGroup { pgid: pid });
+            actions.push(Action::Kill {
+                generation: g.id,
+                pid,
+                leader: false,
+            });
             return;
         }
         if let Some(g) = self.current.take_if(|g| g.pid == Some(pid)) {
@@ -773,7 +808,11 @@ impl Supervisor {
                 pid: pid.as_raw(),
                 status,
             }));
-            actions.push(Action::KillGroup { pgid: pid });
+            actions.push(Action::Kill {
+                generation: g.id,
+                pid,
+                leader: false,
+            });
             let stable = match g.state {
                 State::Ready { since, .. } => now - since >= g.config.restart.backoff_max,
                 _ => false,
@@ -811,10 +850,19 @@ impl Supervisor {
                         pid: g.pid.map(Pid::as_raw),
                         timeout: g.config.drain.timeout,
                     }));
-                    kill(g, actions);
+                    kill(g, now, actions);
                 }
             }
         }
+        let given_up = |g: &Generation| g.give_up_deadline().is_some_and(|d| d <= now);
+        for g in self.draining.iter().filter(|g| given_up(g)) {
+            actions.push(Action::Notice(Notice::GivenUp {
+                generation: g.id,
+                pid: g.pid.map(Pid::as_raw),
+                waited: KILL_GRACE,
+            }));
+        }
+        self.draining.retain(|g| !given_up(g));
         if self.restart_at.is_some_and(|t| t <= now) && self.candidate.is_none() {
             self.restart_at = None;
             let config = self.serving_config.clone();
@@ -846,7 +894,7 @@ impl Supervisor {
         if fast {
             for g in &mut self.draining {
                 if g.drain_deadline().is_some() {
-                    kill(g, actions);
+                    kill(g, now, actions);
                 }
             }
         } else if let Some(last) = self
@@ -918,12 +966,17 @@ fn progress(waiter: WaiterId, progress: Progress) -> Action {
     Action::Progress { waiter, progress }
 }
 
-fn kill(g: &mut Generation, actions: &mut Vec<Action>) {
-    if let State::Draining { killed, .. } = &mut g.state {
+fn kill(g: &mut Generation, now: Instant, actions: &mut Vec<Action>) {
+    if let State::Draining { killed, deadline } = &mut g.state {
         *killed = true;
+        *deadline = self::deadline(now, KILL_GRACE);
     }
-    if let Some(pgid) = g.pid {
-        actions.push(Action::KillGroup { pgid });
+    if let Some(pid) = g.pid {
+        actions.push(Action::Kill {
+            generation: g.id,
+            pid,
+            leader: true,
+        });
     }
 }
 
@@ -1109,8 +1162,23 @@ backoff_max = "1s"
         }
     }
 
-    fn kill_group(p: i32) -> Action {
-        Action::KillGroup { pgid: pid(p) }
+    /// SIGKILL at a deadline: the process (still running) and its group.
+    /// Tests give generation n the pid n * 100.
+    fn kill(p: i32) -> Action {
+        Action::Kill {
+            generation: p as u64 / 100,
+            pid: pid(p),
+            leader: true,
+        }
+    }
+
+    /// Cleanup after the process has exited: its group, never its pid.
+    fn cleanup(p: i32) -> Action {
+        Action::Kill {
+            generation: p as u64 / 100,
+            pid: pid(p),
+            leader: false,
+        }
     }
 
     #[test]
@@ -1181,7 +1249,7 @@ backoff_max = "1s"
         })));
         assert_eq!(h.states(), [(2, "ready"), (1, "draining")]);
         // The old one exits by itself: its group is cleaned, nothing else.
-        assert_eq!(h.on(exited(100, 0)), [kill_group(100)]);
+        assert_eq!(h.on(exited(100, 0)), [cleanup(100)]);
         assert_eq!(h.states(), [(2, "ready")]);
         assert!(h.s.next_deadline().is_none(), "idle means no wake-ups");
     }
@@ -1235,7 +1303,7 @@ backoff_max = "1s"
         assert_eq!(h.states(), [(1, "ready"), (2, "draining")]);
         // It ignores the drain signal: killed at its drain deadline.
         assert_eq!(h.s.next_deadline(), Some(h.t0 + ms(16000)));
-        assert_eq!(h.at(ms(16000)).on(Event::Tick), [kill_group(200)]);
+        assert_eq!(h.at(ms(16000)).on(Event::Tick), [kill(200)]);
         h.on(Event::Exited {
             pid: pid(200),
             status: ExitStatus::Signal(Signal::SIGKILL),
@@ -1260,7 +1328,7 @@ backoff_max = "1s"
         );
         assert!(!actions
             .iter()
-            .any(|a| matches!(a, Action::Signal { .. } | Action::KillGroup { .. })));
+            .any(|a| matches!(a, Action::Signal { .. } | Action::Kill { .. })));
         assert_eq!(h.states(), [(1, "ready")]);
     }
 
@@ -1315,14 +1383,14 @@ backoff_max = "1s"
         let actions = h.reload(Some(2));
         assert_eq!(done(&actions, 2), Some(&Outcome::Cancelled));
         assert!(!h.on(exited(100, 0)).contains(&Action::Exit(0)));
-        assert_eq!(h.on(exited(200, 0)), [kill_group(200), Action::Exit(0)]);
+        assert_eq!(h.on(exited(200, 0)), [cleanup(200), Action::Exit(0)]);
     }
 
     #[test]
     fn fast_stop_kills_every_group() {
         let mut h = Harness::serving();
         let actions = h.on(Event::Stop { fast: true });
-        assert!(actions.contains(&kill_group(100)));
+        assert!(actions.contains(&kill(100)));
         let actions = h.on(Event::Exited {
             pid: pid(100),
             status: ExitStatus::Signal(Signal::SIGKILL),
@@ -1335,7 +1403,7 @@ backoff_max = "1s"
         let mut h = Harness::serving();
         h.on(Event::Stop { fast: false });
         assert!(h.on(Event::Stop { fast: false }).is_empty());
-        assert_eq!(h.on(Event::Stop { fast: true }), [kill_group(100)]);
+        assert_eq!(h.on(Event::Stop { fast: true }), [kill(100)]);
     }
 
     #[test]
@@ -1348,19 +1416,42 @@ backoff_max = "1s"
         });
         h.at(ms(500)).on(ready(200));
         assert_eq!(h.s.next_deadline(), Some(h.t0 + ms(10_500)));
-        assert_eq!(h.at(ms(10_500)).on(Event::Tick), [kill_group(100)]);
-        assert!(
-            h.s.next_deadline().is_none(),
-            "a killed generation is not killed again"
-        );
+        assert_eq!(h.at(ms(10_500)).on(Event::Tick), [kill(100)]);
         assert_eq!(h.states(), [(2, "ready"), (1, "draining")]);
+        // Killed, it is not killed again; it is waited for, within limits.
+        assert_eq!(h.s.next_deadline(), Some(h.t0 + ms(15_500)));
+        assert!(h.at(ms(15_000)).on(Event::Tick).is_empty());
+        assert_eq!(h.states(), [(2, "ready"), (1, "draining")]);
+    }
+
+    /// Issue 8: a process that survives SIGKILL's delivery (stuck in the
+    /// kernel) kept `baton stop` waiting forever.
+    #[test]
+    fn stop_finishes_even_when_a_killed_process_lingers() {
+        let mut h = Harness::serving();
+        assert!(h.on(Event::Stop { fast: true }).contains(&kill(100)));
+        h.take_notices();
+        assert_eq!(h.s.next_deadline(), Some(h.t0 + KILL_GRACE));
+        let actions = h.at(KILL_GRACE).on(Event::Tick);
+        assert_eq!(actions, [Action::Exit(0)]);
+        assert_eq!(
+            h.take_notices(),
+            [
+                Notice::GivenUp {
+                    generation: 1,
+                    pid: Some(100),
+                    waited: KILL_GRACE
+                },
+                Notice::AllExited
+            ]
+        );
     }
 
     #[test]
     fn crash_outside_a_deploy_restarts_with_growing_capped_backoff() {
         let mut h = Harness::serving();
         let actions = h.at(ms(10)).on(exited(100, 1));
-        assert!(actions.contains(&kill_group(100)));
+        assert!(actions.contains(&cleanup(100)));
         assert!(h.states().is_empty());
         let mut expected = ms(100);
         let mut last_pid = 100;
@@ -1730,8 +1821,8 @@ backoff_max = "1s"
                 pid: pid(n * 100),
             });
             for a in h.on(ready(n * 100)) {
-                if let Action::KillGroup { pgid } = a {
-                    killed.push(pgid.as_raw());
+                if let Action::Kill { pid, .. } = a {
+                    killed.push(pid.as_raw());
                 }
             }
         }

@@ -545,9 +545,25 @@ impl Shell {
                         tracing::debug!("kill({pid}, {}): {e}", signal.as_str());
                     }
                 }
-                Action::KillGroup { pgid } => {
+                Action::Kill {
+                    generation,
+                    pid,
+                    leader,
+                } => {
                     // ESRCH: the group is already empty, the usual case.
-                    let _ = killpg(pgid, Signal::SIGKILL);
+                    let _ = killpg(pid, Signal::SIGKILL);
+                    // A leader that moved to another group is not in its
+                    // own any more.
+                    if leader {
+                        let _ = kill(pid, Signal::SIGKILL);
+                    }
+                    for escapee in escapees_of(generation) {
+                        tracing::warn!(
+                            "killing pid {escapee}: it left generation {generation}'s process \
+                             group (setsid?) and outlived it"
+                        );
+                        let _ = kill(escapee, Signal::SIGKILL);
+                    }
                 }
                 Action::Progress { waiter, progress } => {
                     let last = progress.is_final();
@@ -650,6 +666,37 @@ async fn serve_connection(stream: UnixStream, commands: mpsc::UnboundedSender<Co
             break;
         }
     }
+}
+
+/// Processes adopted by baton (it is a subreaper) that carry
+/// `BATON_GENERATION=<generation>`: descendants of that generation whose
+/// parent has gone and that left its process group (setsid), so no killpg
+/// reaches them. A process that rewrote its environment is not found.
+fn escapees_of(generation: u64) -> Vec<Pid> {
+    let me = std::process::id().to_string();
+    let wanted = format!("BATON_GENERATION={generation}");
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            // "pid (comm) state ppid ...": comm may hold spaces.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+            ppid == Some(me.as_str())
+        })
+        .filter(|pid| {
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            environ
+                .split(|&b| b == 0)
+                .any(|var| var == wanted.as_bytes())
+        })
+        .map(Pid::from_raw)
+        .collect()
 }
 
 /// Tells a peer why it is not served, and closes (bounded: a peer that

@@ -192,6 +192,14 @@ pub enum Notice {
         #[serde(rename = "timeout_ms", with = "millis")]
         timeout: Duration,
     },
+    /// A killed generation's process was not reaped within `waited`: baton
+    /// stops waiting for it (it may be stuck in the kernel).
+    GivenUp {
+        generation: u64,
+        pid: Option<i32>,
+        #[serde(rename = "waited_ms", with = "millis")]
+        waited: Duration,
+    },
     /// More than the allowed number of generations drain: the oldest gets
     /// SIGKILL now.
     TooManyDraining {
@@ -284,6 +292,7 @@ impl Notice {
             | DrainTimedOut { .. }
             | TooManyDraining { .. }
             | MainPidIgnored { .. } => Level::Warn,
+            GivenUp { .. } => Level::Error,
             ForeignNotify { ready, .. } if *ready => Level::Warn,
             ForeignNotify { .. } | AppStatus { .. } => Level::Debug,
             _ => Level::Info,
@@ -316,6 +325,7 @@ impl Notice {
             | Crashed { generation, .. }
             | DrainTimedOut { generation, .. }
             | TooManyDraining { generation, .. }
+            | GivenUp { generation, .. }
             | AppStatus { generation, .. }
             | AppStopping { generation }
             | MainPidIgnored { generation, .. } => Some(*generation),
@@ -439,6 +449,17 @@ impl fmt::Display for Notice {
                  killing its process group",
                 pid.map_or_else(|| "?".to_owned(), |p| p.to_string()),
                 secs(*timeout)
+            ),
+            GivenUp {
+                generation,
+                pid,
+                waited,
+            } => write!(
+                f,
+                "generation {generation} (pid {}) still not gone {} after SIGKILL: no longer \
+                 waiting for it (a process stuck in the kernel?); check it with `ps`",
+                pid.map_or_else(|| "?".to_owned(), |p| p.to_string()),
+                secs(*waited)
             ),
             TooManyDraining { generation, limit } => write!(
                 f,

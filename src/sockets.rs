@@ -33,6 +33,8 @@ pub struct Listeners {
     sockets: Vec<(Listener, Socket)>,
     /// For each socket, the fd systemd passed it on, if it was adopted.
     adopted_fds: Vec<Option<i32>>,
+    /// For each IP socket, the address it was bound to when opened.
+    bound: Vec<Option<std::net::SocketAddr>>,
     /// Unix socket files baton created, removed again at exit.
     created_files: Vec<PathBuf>,
 }
@@ -50,6 +52,7 @@ impl Listeners {
         let mut listeners = Listeners {
             sockets: Vec::new(),
             adopted_fds: Vec::new(),
+            bound: Vec::new(),
             created_files: Vec::new(),
         };
         for l in &config.listeners {
@@ -62,6 +65,7 @@ impl Listeners {
             if let Address::Unix(path) = &l.address {
                 listeners.created_files.push(path.clone());
             }
+            listeners.bound.push(ip_address(&socket));
             listeners.sockets.push((l.clone(), socket));
             listeners.adopted_fds.push(None);
         }
@@ -111,12 +115,12 @@ impl Listeners {
     /// listening again failed.
     pub fn relisten_if_shut_down(&self) -> Vec<(String, String, Option<String>)> {
         let mut restored = Vec::new();
-        for (l, s) in &self.sockets {
+        for ((l, s), bound) in self.sockets.iter().zip(&self.bound) {
             if matches!(l.address, Address::Udp(_)) {
                 continue;
             }
             if let Ok(false) = s.is_listener() {
-                let error = s.listen(l.backlog).err().map(|e| e.to_string());
+                let error = relisten(s, l, *bound).err().map(|e| e.to_string());
                 restored.push((l.name.clone(), l.address.to_string(), error));
             }
         }
@@ -155,6 +159,25 @@ fn hint(e: &io::Error) -> &'static str {
         Some(libc::ENOENT) => " (the socket's directory does not exist: create it first)",
         _ => "",
     }
+}
+
+/// Listens again on a socket a child shut down. A TCP socket whose port
+/// the kernel chose (`:0`) loses that port at shutdown(); it is bound to
+/// `bound` (its address when baton opened it) first, or listen() would
+/// pick another port.
+fn relisten(s: &Socket, l: &Listener, bound: Option<std::net::SocketAddr>) -> io::Result<()> {
+    if let (Address::Tcp(_), Some(addr)) = (&l.address, bound) {
+        // EINVAL: still bound (an explicit port is kept), as it should be.
+        match s.bind(&addr.into()) {
+            Err(e) if e.raw_os_error() != Some(libc::EINVAL) => return Err(e),
+            _ => {}
+        }
+    }
+    s.listen(l.backlog)
+}
+
+fn ip_address(s: &Socket) -> Option<std::net::SocketAddr> {
+    s.local_addr().ok()?.as_socket()
 }
 
 fn bind(l: &Listener) -> io::Result<Socket> {
@@ -314,6 +337,7 @@ fn adopt(
     let count = inherited.len();
     let mut sockets = Vec::new();
     let mut adopted_fds = Vec::new();
+    let mut bound = Vec::new();
     for (i, l) in config.listeners.iter().enumerate() {
         let index = match names.iter().position(|n| *n == l.name) {
             Some(index) => index,
@@ -356,6 +380,7 @@ fn adopt(
             }
         };
         adopted_fds.push(Some(3 + index as i32));
+        bound.push(ip_address(&socket));
         sockets.push((l.clone(), socket));
     }
     if count > sockets.len() {
@@ -367,6 +392,7 @@ fn adopt(
     Ok(Listeners {
         sockets,
         adopted_fds,
+        bound,
         created_files: Vec::new(),
     })
 }
@@ -445,9 +471,11 @@ mod tests {
             mode: None,
         };
         let socket = bind(&l).unwrap();
+        let port = ip_address(&socket);
         let listeners = Listeners {
             sockets: vec![(l, socket)],
             adopted_fds: vec![None],
+            bound: vec![port],
             created_files: Vec::new(),
         };
         let s = &listeners.sockets[0].1;
@@ -458,6 +486,9 @@ mod tests {
         assert_eq!(restored.len(), 1);
         assert_eq!(restored[0].2, None);
         assert!(s.is_listener().unwrap());
+        // The port the kernel chose is kept (shutdown() released it).
+        assert_eq!(ip_address(s), port);
+        std::net::TcpStream::connect(port.unwrap()).unwrap();
         assert!(listeners.relisten_if_shut_down().is_empty());
     }
 }
