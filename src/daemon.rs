@@ -354,8 +354,8 @@ impl Shell {
         // Under Type=notify-reload systemd waits for RELOADING=1 and READY=1
         // after its SIGHUP: end that reload, with the reason.
         if let Some(upstream) = &self.upstream {
-            upstream.send(&crate::core::Upstream::Reloading);
-            upstream.send(&crate::core::Upstream::Reloaded {
+            upstream.send(&crate::sd_notify::Upstream::Reloading);
+            upstream.send(&crate::sd_notify::Upstream::Reloaded {
                 status: message.clone(),
             });
         }
