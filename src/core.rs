@@ -17,7 +17,7 @@ use nix::unistd::Pid;
 use crate::config::{Config, ReadinessCheck};
 use crate::notice::{Cause, Drained, Notice, Summary};
 pub use crate::notice::{ExitStatus, Failure, Outcome};
-use crate::notify::Message;
+use crate::sd_notify::{Message, Upstream};
 
 /// More draining generations than this and the oldest is killed at once, so
 /// fast repeated deploys cannot pile up old processes.
@@ -91,26 +91,6 @@ pub enum Action {
     Notice(Notice),
     /// Everything is stopped: exit the daemon with this code.
     Exit(i32),
-}
-
-/// Messages for the service manager that started baton (sd_notify).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Upstream {
-    /// The first generation is serving: `READY=1` + `MAINPID`.
-    Ready {
-        status: String,
-    },
-    /// A deploy began: `RELOADING=1` + `MONOTONIC_USEC`.
-    Reloading,
-    /// A deploy ended either way: `READY=1` + `STATUS=`.
-    Reloaded {
-        status: String,
-    },
-    Status(String),
-    Stopping,
-    /// A stop or deploy may take this long: `EXTEND_TIMEOUT_USEC`, so a
-    /// long drain is not cut short by systemd's own timeout.
-    ExtendTimeout(Duration),
 }
 
 /// Slack on top of a deadline for `EXTEND_TIMEOUT_USEC`: after the last

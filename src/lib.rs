@@ -31,9 +31,12 @@
 //! - [`config`]: the TOML file, validated into [`config::Config`].
 //! - [`core`]: the sans-IO state machine, `handle(Event, now) -> Vec<Action>`.
 //! - [`daemon`]: the IO shell that feeds it events and carries out actions.
-//! - [`spawn`]: fork/exec with the sockets at fds 3.. (the only `unsafe`).
+//! - [`spawn`]: starting a generation's process, with the sockets at fds 3..
+//! - `sys`: all the code the compiler cannot check: the child side of
+//!   fork/exec, and taking ownership of fds received over a socket.
+//! - [`sd_notify`]: the sd_notify messages, parsed and rendered (no IO).
 //! - [`sockets`], [`notify`], [`control`]: the sockets baton owns, the
-//!   sd_notify protocol, and the control protocol of the CLI.
+//!   sd_notify sockets, and the control protocol of the CLI.
 
 pub mod config;
 pub mod control;
@@ -41,5 +44,7 @@ pub mod core;
 pub mod daemon;
 pub mod notice;
 pub mod notify;
+pub mod sd_notify;
 pub mod sockets;
 pub mod spawn;
+mod sys;

@@ -1,6 +1,6 @@
-//! The sd_notify protocol (man sd_notify): the socket children report
+//! The sd_notify sockets (man sd_notify): the socket children report
 //! readiness on, and the client baton uses to report to its own service
-//! manager.
+//! manager. What the datagrams say is [`sd_notify`](crate::sd_notify).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -13,36 +13,12 @@ use nix::unistd::Pid;
 use socket2::{Domain, Socket, Type};
 use tokio::io::Interest;
 
-use crate::core::Upstream;
+use crate::sd_notify::{render, Message, Upstream};
 
-/// The fields of one notify datagram that baton acts on. Unknown keys are
-/// ignored, as systemd does.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Message {
-    pub ready: bool,
-    pub stopping: bool,
-    pub status: Option<String>,
-    /// Sent by apps written for systemd; baton ignores it with a warning.
-    pub mainpid: Option<String>,
-}
-
-impl Message {
-    /// Parses newline-separated `KEY=VALUE` assignments.
-    pub fn parse(datagram: &[u8]) -> Message {
-        let text = String::from_utf8_lossy(datagram);
-        let mut m = Message::default();
-        for line in text.split('\n') {
-            match line.split_once('=') {
-                Some(("READY", "1")) => m.ready = true,
-                Some(("STOPPING", "1")) => m.stopping = true,
-                Some(("STATUS", s)) => m.status = Some(s.to_owned()),
-                Some(("MAINPID", p)) => m.mainpid = Some(p.to_owned()),
-                _ => {}
-            }
-        }
-        m
-    }
-}
+/// Receiving with fds and credentials takes ownership of raw fds the kernel
+/// installed, so it lives in `sys`; the systemd integration test reads
+/// baton's own fd store with it.
+pub use crate::sys::{recv_with_fds, Received};
 
 /// Datagrams are at most this long (systemd uses the same limit).
 const MAX_DATAGRAM: usize = 4096;
@@ -91,7 +67,7 @@ impl NotifySocket {
 /// dropped, which closes them: baton keeps none.
 fn receive(socket: BorrowedFd<'_>) -> io::Result<Option<(Pid, Message)>> {
     let mut buf = [0u8; MAX_DATAGRAM];
-    let received = crate::spawn::recv_with_fds(socket, &mut buf)?;
+    let received = recv_with_fds(socket, &mut buf)?;
     Ok(received
         .pid
         .map(|pid| (pid, Message::parse(&buf[..received.len]))))
@@ -183,52 +159,9 @@ fn monotonic_usec() -> u64 {
         .unwrap_or(0)
 }
 
-/// The datagram for `message`. `RELOADING=1` without `MONOTONIC_USEC` is
-/// ignored by systemd ≥ 253, so it always carries one.
-pub fn render(message: &Upstream, mainpid: u32, monotonic_usec: u64) -> String {
-    match message {
-        Upstream::Ready { status } => format!("READY=1\nMAINPID={mainpid}\nSTATUS={status}"),
-        Upstream::Reloading => format!("RELOADING=1\nMONOTONIC_USEC={monotonic_usec}"),
-        Upstream::Reloaded { status } => format!("READY=1\nSTATUS={status}"),
-        Upstream::Status(status) => format!("STATUS={status}"),
-        Upstream::Stopping => "STOPPING=1\nSTATUS=stopping".to_owned(),
-        Upstream::ExtendTimeout(d) => format!("EXTEND_TIMEOUT_USEC={}", d.as_micros()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_sd_notify_assignments() {
-        let m = Message::parse(b"READY=1\nSTATUS=serving 3 clients\nX_CUSTOM=1\nMAINPID=42");
-        assert!(m.ready);
-        assert!(!m.stopping);
-        assert_eq!(m.status.as_deref(), Some("serving 3 clients"));
-        assert_eq!(m.mainpid.as_deref(), Some("42"));
-        assert!(Message::parse(b"STOPPING=1\n").stopping);
-        assert!(!Message::parse(b"READY=0").ready);
-        assert_eq!(Message::parse(b"garbage\xff\n"), Message::default());
-    }
-
-    #[test]
-    fn renders_upstream_messages() {
-        assert_eq!(
-            render(
-                &Upstream::Ready {
-                    status: "up".into()
-                },
-                7,
-                0
-            ),
-            "READY=1\nMAINPID=7\nSTATUS=up"
-        );
-        assert_eq!(
-            render(&Upstream::Reloading, 7, 123),
-            "RELOADING=1\nMONOTONIC_USEC=123"
-        );
-    }
 
     /// Fds attached to a notify datagram are closed, however many there
     /// are: the pipe's reader sees EOF only once every copy of its write

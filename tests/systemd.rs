@@ -176,7 +176,7 @@ fn fd_store_keeps_the_socket_across_a_crash_of_baton() {
     );
     // What systemd keeps: the fd named "http".
     let mut buf = [0u8; 4096];
-    let stored = baton::spawn::recv_with_fds(upstream.as_fd(), &mut buf).unwrap();
+    let stored = baton::notify::recv_with_fds(upstream.as_fd(), &mut buf).unwrap();
     assert_eq!(&buf[..stored.len], b"FDSTORE=1\nFDNAME=http");
     assert_eq!(stored.fds.len(), 1);
     first.wait_log("generation 1 is ready", Duration::from_secs(20));
