@@ -77,6 +77,60 @@ pub struct App {
     pub workdir: Option<PathBuf>,
     /// Added to baton's own environment for every child.
     pub env: BTreeMap<String, String>,
+    /// Run the children as this user (and group), not as baton's.
+    pub user: Option<Credentials>,
+    /// The children's umask (`[app] umask`); baton's own otherwise.
+    pub umask: Option<u32>,
+    /// Resource limits set in each child (soft = hard = the value).
+    pub limits: Vec<Limit>,
+}
+
+/// Who the children run as: looked up when the file is validated, so the
+/// child only makes raw syscalls (setgroups, setgid, setuid).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups, as initgroups(3) would set them.
+    pub groups: Vec<u32>,
+    pub home: PathBuf,
+}
+
+/// One `[app] limits` entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub resource: LimitResource,
+    /// `None`: unlimited.
+    pub value: Option<u64>,
+}
+
+/// The resources `[app] limits` may set (setrlimit(2)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitResource {
+    Nofile,
+    Nproc,
+    Core,
+    Memlock,
+    Stack,
+    As,
+    Cpu,
+    Fsize,
+    Data,
+}
+
+impl LimitResource {
+    const NAMES: [(&'static str, LimitResource); 9] = [
+        ("nofile", LimitResource::Nofile),
+        ("nproc", LimitResource::Nproc),
+        ("core", LimitResource::Core),
+        ("memlock", LimitResource::Memlock),
+        ("stack", LimitResource::Stack),
+        ("as", LimitResource::As),
+        ("cpu", LimitResource::Cpu),
+        ("fsize", LimitResource::Fsize),
+        ("data", LimitResource::Data),
+    ];
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -274,6 +328,18 @@ struct RawApp {
     command: Spanned<Vec<String>>,
     workdir: Option<Spanned<String>>,
     env: Option<Spanned<BTreeMap<String, String>>>,
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
+    umask: Option<Spanned<String>>,
+    limits: Option<Spanned<BTreeMap<String, RawLimit>>>,
+}
+
+/// A limit: a number, or "unlimited".
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawLimit {
+    Number(i64),
+    Word(String),
 }
 
 type RawDuration = Option<Spanned<String>>;
@@ -475,6 +541,70 @@ fn parse_address(raw: &Spanned<String>) -> Result<Address, Invalid> {
     ip(text.strip_prefix("tcp:").unwrap_or(text)).map(Address::Tcp)
 }
 
+/// The user (and group, else the user's own) the children run as, with the
+/// supplementary groups initgroups(3) would give them.
+fn lookup_user(
+    raw: &Spanned<String>,
+    group: Option<&Spanned<String>>,
+) -> Result<Credentials, Invalid> {
+    let name = raw.get_ref();
+    let user = match nix::unistd::User::from_name(name) {
+        Ok(Some(u)) => u,
+        Ok(None) => {
+            return invalid(
+                raw.span(),
+                format!("user `{name}` does not exist: create it (useradd --system {name}) or remove the setting"),
+            )
+        }
+        Err(e) => return invalid(raw.span(), format!("cannot look up user `{name}`: {e}")),
+    };
+    let gid = match group {
+        Some(g) => lookup_group(g)?.gid,
+        None => user.gid.as_raw(),
+    };
+    let cname = std::ffi::CString::new(name.as_bytes()).map_err(|_| Invalid {
+        span: raw.span(),
+        message: "user name contains a NUL byte".into(),
+    })?;
+    let gid_t = nix::unistd::Gid::from_raw(gid);
+    let groups = nix::unistd::getgrouplist(&cname, gid_t).map_err(|e| Invalid {
+        span: raw.span(),
+        message: format!("cannot list the groups of user `{name}`: {e}"),
+    })?;
+    Ok(Credentials {
+        name: name.clone(),
+        uid: user.uid.as_raw(),
+        gid,
+        groups: groups.into_iter().map(|g| g.as_raw()).collect(),
+        home: user.dir,
+    })
+}
+
+fn parse_limits(raw: &Spanned<BTreeMap<String, RawLimit>>) -> Result<Vec<Limit>, Invalid> {
+    let mut limits = Vec::new();
+    for (name, value) in raw.get_ref() {
+        let Some(&(_, resource)) = LimitResource::NAMES.iter().find(|(n, _)| n == name) else {
+            let known: Vec<&str> = LimitResource::NAMES.iter().map(|(n, _)| *n).collect();
+            return invalid(
+                raw.span(),
+                format!("unknown limit `{name}`: use one of {}", known.join(", ")),
+            );
+        };
+        let value = match value {
+            RawLimit::Number(n) if *n >= 0 => Some(*n as u64),
+            RawLimit::Word(w) if w == "unlimited" || w == "infinity" => None,
+            _ => {
+                return invalid(
+                    raw.span(),
+                    format!("limit `{name}` must be a number ≥ 0 or \"unlimited\""),
+                )
+            }
+        };
+        limits.push(Limit { resource, value });
+    }
+    Ok(limits)
+}
+
 fn lookup_group(raw: &Spanned<String>) -> Result<Group, Invalid> {
     let name = raw.get_ref();
     match nix::unistd::Group::from_name(name) {
@@ -621,10 +751,41 @@ impl RawApp {
                 ),
             );
         }
+        let user = match &self.user {
+            None => {
+                if let Some(group) = &self.group {
+                    return invalid(group.span(), "group applies only with user = \"...\"");
+                }
+                None
+            }
+            Some(user) => Some(lookup_user(user, self.group.as_ref())?),
+        };
+        let umask = match &self.umask {
+            None => None,
+            Some(raw) => match u32::from_str_radix(raw.get_ref(), 8) {
+                Ok(v) if v <= 0o777 => Some(v),
+                _ => {
+                    return invalid(
+                        raw.span(),
+                        format!(
+                            "umask `{}` is not an octal mask like \"0027\"",
+                            raw.get_ref()
+                        ),
+                    )
+                }
+            },
+        };
+        let limits = match &self.limits {
+            None => Vec::new(),
+            Some(raw) => parse_limits(raw)?,
+        };
         Ok(App {
             command,
             workdir,
             env,
+            user,
+            umask,
+            limits,
         })
     }
 }
@@ -932,6 +1093,69 @@ group = "root"
                 "{message} in {}",
                 &e[..e.len().min(300)]
             );
+        }
+    }
+
+    #[test]
+    fn app_user_umask_and_limits() {
+        let c = parse(&format!(
+            "{MINIMAL}user = \"root\"\numask = \"0027\"\n\
+             limits = {{ nofile = 65536, core = 0, memlock = \"unlimited\" }}\n"
+        ))
+        .unwrap();
+        let user = c.app.user.unwrap();
+        assert_eq!((user.name.as_str(), user.uid, user.gid), ("root", 0, 0));
+        assert!(user.groups.contains(&0));
+        assert_eq!(user.home, Path::new("/root"));
+        assert_eq!(c.app.umask, Some(0o027));
+        assert_eq!(
+            c.app.limits,
+            [
+                Limit {
+                    resource: LimitResource::Core,
+                    value: Some(0)
+                },
+                Limit {
+                    resource: LimitResource::Memlock,
+                    value: None
+                },
+                Limit {
+                    resource: LimitResource::Nofile,
+                    value: Some(65536)
+                },
+            ]
+        );
+        let cases = [
+            (
+                "user = \"no-such-user-baton\"",
+                "3:8",
+                "user `no-such-user-baton` does not exist",
+            ),
+            ("group = \"root\"", "3:9", "group applies only with user"),
+            (
+                "user = \"root\"\ngroup = \"no-such-group-baton\"",
+                "4:9",
+                "does not exist",
+            ),
+            ("umask = \"999\"", "3:9", "umask `999` is not an octal mask"),
+            (
+                "limits = { files = 1 }",
+                "3:10",
+                "unknown limit `files`: use one of nofile",
+            ),
+            (
+                "limits = { core = -1 }",
+                "3:10",
+                "must be a number ≥ 0 or \"unlimited\"",
+            ),
+        ];
+        for (line, position, message) in cases {
+            let e = error(&format!("{MINIMAL}{line}\n"));
+            assert!(
+                e.contains(&format!("t.toml:{position}: ")),
+                "{position} in {e}"
+            );
+            assert!(e.contains(message), "{message} in {e}");
         }
     }
 

@@ -45,6 +45,9 @@ pub enum DaemonError {
     },
     #[error("cannot start the event loop: {0}")]
     Runtime(std::io::Error),
+    /// The file asks for what this baton cannot do (a user, as non-root).
+    #[error("{0}")]
+    Unrunnable(String),
 }
 
 /// How often the listeners are checked for a child's `shutdown()`.
@@ -86,6 +89,7 @@ pub struct Options {
 /// Runs the daemon until it is stopped. Returns the exit code.
 pub fn run(config_path: &Path, options: Options) -> Result<i32, DaemonError> {
     let config = Arc::new(Config::load(config_path)?);
+    runnable(&config).map_err(DaemonError::Unrunnable)?;
     // Orphans of the application (a daemonizing helper, say) are
     // reparented to baton instead of init, and reaped by its reaper: no
     // zombies, even when baton is PID 1 of an appliance image (where this
@@ -93,6 +97,9 @@ pub fn run(config_path: &Path, options: Options) -> Result<i32, DaemonError> {
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
         tracing::warn!("cannot become a child subreaper: {e}");
     }
+    // Idle control clients, a burst of deploys: baton's own fds must not run
+    // out first. The children get the original soft limit back.
+    let nofile = raise_nofile();
     // Everything read from the environment is read now, single-threaded.
     let upstream = UpstreamNotifier::from_env();
     let watchdog = crate::notify::watchdog_from_env();
@@ -140,6 +147,7 @@ pub fn run(config_path: &Path, options: Options) -> Result<i32, DaemonError> {
             next_waiter: 1,
             stop_waiters: Vec::new(),
             subscribers: Vec::new(),
+            nofile,
             connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_CONNECTIONS)),
             throttle: Throttle::default(),
             json_notices: options.json_notices,
@@ -163,15 +171,12 @@ fn bind_control(config: &Config) -> Result<std::os::unix::net::UnixListener, Dae
         source,
     };
     if let Some(dir) = path.parent() {
-        // Members of [control] group must be able to reach the socket.
-        let dir_mode = if config.control_group.is_some() {
-            0o755
-        } else {
-            0o700
-        };
+        // Others may pass through (members of [control] group to the
+        // control socket, the children's user to the notify socket: each
+        // socket's own mode decides), not list or write.
         std::fs::DirBuilder::new()
             .recursive(true)
-            .mode(dir_mode)
+            .mode(0o711)
             .create(dir)
             .map_err(err)?;
         safe_directory(dir).map_err(err)?;
@@ -200,6 +205,33 @@ fn bind_control(config: &Config) -> Result<std::os::unix::net::UnixListener, Dae
     Ok(std::os::unix::net::UnixListener::from(
         std::os::fd::OwnedFd::from(socket),
     ))
+}
+
+/// What a valid file may still ask of this baton that it cannot do.
+fn runnable(config: &Config) -> Result<(), String> {
+    let me = nix::unistd::geteuid();
+    match &config.app.user {
+        Some(user) if !me.is_root() && user.uid != me.as_raw() => Err(format!(
+            "{}: [app] user = \"{}\" needs baton to run as root (it runs as uid {me}); \
+             remove the setting or start baton as root",
+            config.path.display(),
+            user.name
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard one; returns the limits as
+/// they were, `None` if they could not be read.
+fn raise_nofile() -> Option<(u64, u64)> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            tracing::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+        }
+    }
+    Some((soft, hard))
 }
 
 /// Refuses a directory for baton's sockets that another user could have
@@ -285,6 +317,8 @@ struct Shell {
     stop_waiters: Vec<mpsc::UnboundedSender<Reply>>,
     /// `baton events` clients: every notice from now on.
     subscribers: Vec<mpsc::UnboundedSender<Reply>>,
+    /// RLIMIT_NOFILE as baton found it (soft, hard), for the children.
+    nofile: Option<(u64, u64)>,
     /// Permits for control connections being served.
     connections: Arc<tokio::sync::Semaphore>,
     /// Limits notices that others can cause at will (foreign notify
@@ -423,8 +457,8 @@ impl Shell {
     /// the core, which decides what happens (and what the client hears).
     fn reload(&mut self, waiter: Option<(mpsc::UnboundedSender<Reply>, bool)>) {
         let config = Config::load(&self.config_path)
-            .map(Arc::new)
-            .map_err(|e| e.to_string());
+            .map_err(|e| e.to_string())
+            .and_then(|c| runnable(&c).map(|()| Arc::new(c)));
         let waiter = waiter.map(|(reply, follows)| {
             let id = self.next_waiter;
             self.next_waiter += 1;
@@ -594,12 +628,52 @@ impl Shell {
             &self.notify_path,
         );
         let fds = self.listeners.fds();
+        // The notify socket is writable by the children's user only.
+        let owner = config.app.user.as_ref().map_or(0, |u| u.uid);
+        if let Err(e) = std::os::unix::fs::chown(&self.notify_path, Some(owner), None) {
+            tracing::warn!(
+                "cannot give the notify socket {} to uid {owner}: {e}",
+                self.notify_path.display()
+            );
+        }
+        // Children get the fd limit baton started with (it raised its own),
+        // unless [app] limits sets one.
+        let mut limits = Vec::new();
+        if let Some((soft, hard)) = self.nofile {
+            limits.push((spawn::Resource::RLIMIT_NOFILE, Some(soft), Some(hard)));
+        }
+        limits.extend(
+            config
+                .app
+                .limits
+                .iter()
+                .map(|l| (resource(l.resource), l.value, l.value)),
+        );
         spawn::spawn(&spawn::Command {
             argv: &config.app.command,
             env,
             workdir: config.app.workdir.as_deref(),
             listeners: &fds,
+            user: config.app.user.as_ref(),
+            umask: config.app.umask,
+            limits,
         })
+    }
+}
+
+fn resource(r: crate::config::LimitResource) -> spawn::Resource {
+    use crate::config::LimitResource as L;
+    use spawn::Resource as R;
+    match r {
+        L::Nofile => R::RLIMIT_NOFILE,
+        L::Nproc => R::RLIMIT_NPROC,
+        L::Core => R::RLIMIT_CORE,
+        L::Memlock => R::RLIMIT_MEMLOCK,
+        L::Stack => R::RLIMIT_STACK,
+        L::As => R::RLIMIT_AS,
+        L::Cpu => R::RLIMIT_CPU,
+        L::Fsize => R::RLIMIT_FSIZE,
+        L::Data => R::RLIMIT_DATA,
     }
 }
 
@@ -617,6 +691,20 @@ fn child_env(
         .filter(|(k, _)| !config.app.env.contains_key(&*k.to_string_lossy()))
         .cloned()
         .collect();
+    if let Some(user) = &config.app.user {
+        // As login(1) and systemd's User= set them; [app] env may override.
+        let own = |k: &str| !config.app.env.contains_key(k);
+        env.retain(|(k, _)| !matches!(k.to_str(), Some("HOME" | "USER" | "LOGNAME")));
+        for (key, value) in [
+            ("HOME", user.home.as_os_str().to_owned()),
+            ("USER", user.name.clone().into()),
+            ("LOGNAME", user.name.clone().into()),
+        ] {
+            if own(key) {
+                env.push((key.into(), value));
+            }
+        }
+    }
     env.extend(config.app.env.iter().map(|(k, v)| (k.into(), v.into())));
     if !listeners.is_empty() {
         env.push(("LISTEN_FDS".into(), listeners.len().to_string().into()));

@@ -172,7 +172,8 @@ fn run(path: PathBuf, format: LogFormat, options: baton::daemon::Options) -> u8 
         Err(e) => {
             tracing::error!("{e:#}");
             match e {
-                baton::daemon::DaemonError::Config(_) => USAGE,
+                baton::daemon::DaemonError::Config(_)
+                | baton::daemon::DaemonError::Unrunnable(_) => USAGE,
                 _ => FAILED,
             }
         }

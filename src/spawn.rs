@@ -22,6 +22,7 @@ use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::unistd::Pid;
 
+use crate::config::Credentials;
 use crate::sys::{self, Stage};
 
 /// What to start.
@@ -34,7 +35,16 @@ pub struct Command<'a> {
     /// Become fds 3, 4, ... in the child, without CLOEXEC. Borrowed: the
     /// caller keeps ownership and they stay open in baton.
     pub listeners: &'a [BorrowedFd<'a>],
+    /// Run as this user instead of baton's.
+    pub user: Option<&'a Credentials>,
+    pub umask: Option<u32>,
+    /// Resource limits for the child, in order (a later one for the same
+    /// resource wins).
+    pub limits: Vec<(Resource, Option<u64>, Option<u64>)>,
 }
+
+/// A resource of setrlimit(2), for [`Command::limits`].
+pub use nix::sys::resource::Resource;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
@@ -46,6 +56,11 @@ pub enum SpawnError {
     Chdir { dir: PathBuf, errno: Errno },
     #[error("cannot prepare the child ({what}): {errno}")]
     Setup { what: &'static str, errno: Errno },
+    #[error(
+        "cannot become user `{user}`: {errno}{}",
+        if *errno == Errno::EPERM { " (baton must run as root to start children as another user)" } else { "" }
+    )]
+    User { user: String, errno: Errno },
     #[error("[app] command is empty: name the program to run")]
     EmptyCommand,
     #[error("argument or environment contains a NUL byte")]
@@ -86,6 +101,13 @@ pub fn spawn(cmd: &Command) -> Result<Pid, SpawnError> {
         stdin: prepared.devnull.as_fd(),
         report: report_write.as_fd(),
         workdir: prepared.workdir.as_deref(),
+        limits: &prepared.limits,
+        umask: cmd.umask,
+        user: cmd.user.map(|u| sys::ChildUser {
+            uid: u.uid,
+            gid: u.gid,
+            groups: &u.groups,
+        }),
         max_fd: prepared.max_fd,
     };
     let pid = sys::fork_exec(&mut prepared.image, &setup).map_err(fork_error)?;
@@ -100,6 +122,7 @@ struct Prepared {
     workdir: Option<CString>,
     /// Becomes the child's stdin.
     devnull: File,
+    limits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
     max_fd: RawFd,
 }
 
@@ -132,10 +155,23 @@ fn prepare(cmd: &Command) -> Result<Prepared, SpawnError> {
         .map(|d| cstring(d.as_os_str().as_bytes()))
         .transpose()?;
     let devnull = File::options().read(true).write(true).open("/dev/null")?;
+    let infinity = |v: Option<u64>| v.unwrap_or(libc::RLIM_INFINITY);
+    let limits = cmd
+        .limits
+        .iter()
+        .map(|&(resource, soft, hard)| {
+            let limit = libc::rlimit {
+                rlim_cur: infinity(soft),
+                rlim_max: infinity(hard),
+            };
+            (resource as libc::__rlimit_resource_t, limit)
+        })
+        .collect();
     Ok(Prepared {
         image: sys::ExecImage::new(program, argv, env, !cmd.listeners.is_empty()),
         workdir,
         devnull,
+        limits,
         max_fd: nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
             .map_or(1024, |(soft, _)| soft.min(65_536) as RawFd),
     })
@@ -184,6 +220,14 @@ fn read_exec_report(pid: Pid, report: &OwnedFd, cmd: &Command) -> Result<Pid, Sp
         },
         Stage::Dup => SpawnError::Setup {
             what: "moving the listening sockets to fds 3..",
+            errno,
+        },
+        Stage::Limits => SpawnError::Setup {
+            what: "setting [app] limits (setrlimit; raising a hard limit needs root)",
+            errno,
+        },
+        Stage::User => SpawnError::User {
+            user: cmd.user.map(|u| u.name.clone()).unwrap_or_default(),
             errno,
         },
     })
@@ -244,6 +288,9 @@ mod tests {
             env: Vec::new(),
             workdir: None,
             listeners: &[],
+            user: None,
+            umask: None,
+            limits: Vec::new(),
         })
         .unwrap_err();
         assert!(matches!(err, SpawnError::EmptyCommand), "{err:?}");

@@ -117,9 +117,22 @@ pub struct ChildSetup<'a> {
     /// caller closes its own copy once [`fork_exec`] returns.
     pub report: BorrowedFd<'a>,
     pub workdir: Option<&'a CStr>,
+    /// setrlimit(2) calls, in order: (resource, soft and hard limit).
+    pub limits: &'a [(libc::__rlimit_resource_t, libc::rlimit)],
+    pub umask: Option<libc::mode_t>,
+    /// Become this user: supplementary groups, then gid, then uid.
+    pub user: Option<ChildUser<'a>>,
     /// Upper bound of open fds (RLIMIT_NOFILE, capped), for the fallback
     /// that marks fds CLOEXEC one by one.
     pub max_fd: RawFd,
+}
+
+/// The identity a child takes before exec (all looked up before fork).
+#[derive(Clone, Copy)]
+pub struct ChildUser<'a> {
+    pub uid: libc::uid_t,
+    pub gid: libc::gid_t,
+    pub groups: &'a [libc::gid_t],
 }
 
 /// Where the child failed before exec, in its report.
@@ -133,6 +146,10 @@ pub enum Stage {
     Exec = 4,
     /// Emptying the signal mask (sigprocmask).
     SignalMask = 5,
+    /// Setting `[app] limits` (setrlimit).
+    Limits = 6,
+    /// Becoming `[app] user` (setgroups, setgid, setuid).
+    User = 7,
 }
 
 /// Length of the one record the child writes on the exec-report pipe when
@@ -156,6 +173,8 @@ pub fn decode_report(record: [u8; REPORT_LEN]) -> (Stage, Errno) {
         3 => Stage::Chdir,
         4 => Stage::Exec,
         5 => Stage::SignalMask,
+        6 => Stage::Limits,
+        7 => Stage::User,
         _ => Stage::Dup,
     };
     (stage, Errno::from_raw(i32::from_ne_bytes([e0, e1, e2, e3])))
@@ -325,6 +344,25 @@ unsafe fn exec_child(
         if libc::sigprocmask(libc::SIG_SETMASK, empty_mask, std::ptr::null_mut()) < 0 {
             fail(Stage::SignalMask);
         }
+        for (resource, limit) in setup.limits {
+            if libc::setrlimit(*resource, limit) < 0 {
+                fail(Stage::Limits);
+            }
+        }
+        if let Some(mask) = setup.umask {
+            libc::umask(mask);
+        }
+        // Groups first (that needs privilege), then the gid, then the uid:
+        // after setuid nothing else could be changed.
+        if let Some(user) = setup.user {
+            if libc::setgroups(user.groups.len(), user.groups.as_ptr()) < 0
+                || libc::setgid(user.gid) < 0
+                || libc::setuid(user.uid) < 0
+            {
+                fail(Stage::User);
+            }
+        }
+        // As the application's user: its working directory is its own.
         if let Some(dir) = setup.workdir {
             if libc::chdir(dir.as_ptr()) < 0 {
                 fail(Stage::Chdir);

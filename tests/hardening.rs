@@ -288,3 +288,95 @@ fn cli_refuses_a_daemon_of_another_user() {
         "{stderr}"
     );
 }
+
+/// Field `name` of /proc/PID/status ("Uid", "Umask", ...).
+fn proc_status(pid: i32, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+        .trim()
+        .to_owned()
+}
+
+/// "soft hard" of a row of /proc/PID/limits ("Max open files").
+fn proc_limit(pid: i32, row: &str) -> String {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits.lines().find(|l| l.starts_with(row)).unwrap();
+    let fields: Vec<&str> = line[row.len()..].split_whitespace().collect();
+    format!("{} {}", fields[0], fields[1])
+}
+
+/// Defect 3: children ran as root with every capability, and `setpriv`
+/// around the app broke readiness (the notify socket was root's, 0600).
+/// Needs root.
+#[test]
+fn children_run_as_the_configured_user_and_can_notify() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "SKIPPED children_run_as_the_configured_user_and_can_notify: needs root to \
+             start children as another user"
+        );
+        return;
+    }
+    let setup = Setup {
+        extra_app: "user = \"nobody\"\ngroup = \"nogroup\"\numask = \"0027\"\n\
+                    limits = { nofile = 4096, core = 0 }\n"
+            .into(),
+        ..Setup::default()
+    };
+    // Ready through READY=1 (the default check): the notify socket works.
+    let mut baton = Baton::start(setup);
+    let child = baton.current_pid();
+    assert_eq!(proc_status(child, "Uid"), "65534\t65534\t65534\t65534");
+    assert_eq!(proc_status(child, "Gid"), "65534\t65534\t65534\t65534");
+    assert_eq!(proc_status(child, "Groups"), "65534");
+    assert_eq!(proc_status(child, "Umask"), "0027");
+    assert_eq!(proc_status(child, "CapEff"), "0000000000000000");
+    assert_eq!(proc_limit(child, "Max open files"), "4096 4096");
+    assert_eq!(proc_limit(child, "Max core file size"), "0 0");
+    let environ = std::fs::read(format!("/proc/{child}/environ")).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    for var in ["USER=nobody", "LOGNAME=nobody", "HOME=/nonexistent"] {
+        assert!(environ.split('\0').any(|v| v == var), "{var} in {environ}");
+    }
+    // The notify socket is the children's user's, and theirs only.
+    use std::os::unix::fs::MetadataExt;
+    let notify = std::fs::metadata(baton.dir.path().join("baton.notify")).unwrap();
+    assert_eq!((notify.uid(), notify.mode() & 0o777), (65534, 0o600));
+    assert_eq!(get_generation(baton.port), 1);
+    let (code, _, stderr) = baton.reload_wait();
+    assert_eq!(code, 0, "{stderr}");
+    baton.wait_drained(1);
+    assert_eq!(get_generation(baton.port), 2);
+}
+
+/// Defect 5: baton raises its own soft fd limit to the hard one; children
+/// get the limit baton was started with.
+#[test]
+fn baton_raises_its_fd_limit_children_keep_the_original() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("app.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[app]\ncommand = [\"sleep\", \"600\"]\n[readiness]\ncheck = \"delay\"\n\
+             delay = \"50ms\"\n[control]\nsocket = \"{}\"\n",
+            dir.path().join("baton.sock").display()
+        ),
+    )
+    .unwrap();
+    let mut baton = Baton::spawn_with(
+        dir,
+        config,
+        "",
+        "prlimit",
+        &["--nofile=512:4096", BATON, "run", "-c"],
+        &[],
+    );
+    baton.wait_log("generation 1 is ready", Duration::from_secs(20));
+    let child = baton.current_pid();
+    assert_eq!(proc_limit(baton.pid(), "Max open files"), "4096 4096");
+    assert_eq!(proc_limit(child, "Max open files"), "512 4096");
+}

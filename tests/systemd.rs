@@ -214,6 +214,9 @@ fn fd_store_keeps_the_socket_across_a_crash_of_baton() {
             env,
             workdir: None,
             listeners: &fds,
+            user: None,
+            umask: None,
+            limits: Vec::new(),
         })
         .unwrap(),
     );

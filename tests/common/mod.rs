@@ -52,6 +52,8 @@ pub struct Setup {
     pub extra_listen: String,
     pub readiness: String,
     pub drain_timeout: String,
+    /// More `[app]` keys.
+    pub extra_app: String,
     pub extra: String,
 }
 
@@ -63,6 +65,7 @@ impl Default for Setup {
             extra_listen: String::new(),
             readiness: "timeout = \"20s\"".into(),
             drain_timeout: "20s".into(),
+            extra_app: String::new(),
             extra: String::new(),
         }
     }
@@ -83,7 +86,7 @@ impl Setup {
             .collect();
         format!(
             "[[listen]]\nname = \"http\"\naddress = \"{address}\"\n{}\n\
-             [app]\ncommand = [{}]\nenv = {{ {} }}\n\
+             [app]\ncommand = [{}]\nenv = {{ {} }}\n{}\
              [readiness]\n{}\n\
              [drain]\ntimeout = \"{}\"\n\
              [restart]\nbackoff_initial = \"50ms\"\nbackoff_max = \"500ms\"\n\
@@ -91,6 +94,7 @@ impl Setup {
             self.extra_listen,
             command.join(", "),
             env.join(", "),
+            self.extra_app,
             self.readiness,
             self.drain_timeout,
             control.display(),
