@@ -1,7 +1,7 @@
 //! `baton-bench`: the zero-downtime proof, a benchmark anyone can rerun.
 //!
 //! ```text
-//! cargo run --release --bin baton-bench -- [--quick] --out DIR
+//! cargo run --release -p baton-bench -- [--quick] --out DIR
 //! ```
 //!
 //! writes `DIR/report.md` and `DIR/timeline.svg`. Under a closed-loop load
@@ -34,8 +34,8 @@
 //! `baton` and the example app are taken from this executable's directory
 //! (`target/release/baton`, `target/release/examples/hello`). Under
 //! `cargo run` (`CARGO` is set) the bench first runs
-//! `cargo build --bin baton --example hello` with its own profile:
-//! `cargo run --bin baton-bench` builds neither, and a stale `baton` would
+//! `cargo build -p baton --bin baton --example hello` with its own profile:
+//! `cargo run -p baton-bench` builds neither, and a stale `baton` would
 //! be measured without a word. Started any other way it only checks that
 //! they exist and names the command that builds them.
 
@@ -279,7 +279,7 @@ fn mode(plan: &Plan) -> &'static str {
 fn command_line() -> String {
     let args: Vec<String> = std::env::args().skip(1).collect();
     format!(
-        "cargo run --release --bin baton-bench -- {}",
+        "cargo run --release -p baton-bench -- {}",
         args.join(" ")
     )
 }
@@ -295,13 +295,15 @@ fn binaries() -> Result<(PathBuf, PathBuf)> {
         build
             .args([
                 "build",
+                "-p",
+                "baton",
                 "--bin",
                 "baton",
                 "--example",
                 "hello",
                 "--manifest-path",
             ])
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"));
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"));
         if release {
             build.arg("--release");
         }
@@ -317,7 +319,7 @@ fn binaries() -> Result<(PathBuf, PathBuf)> {
             let profile = if release { " --release" } else { "" };
             return Err(Error::Bench(format!(
                 "{} is missing (the bench looks next to its own executable): \
-                 build it with `cargo build{profile} --bin baton --example hello`",
+                 build it with `cargo build{profile} -p baton --bin baton --example hello`",
                 path.display()
             )));
         }
