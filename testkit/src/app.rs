@@ -46,10 +46,6 @@ impl App {
         })
     }
 
-    pub fn pid(&self) -> i32 {
-        self.pid
-    }
-
     /// Asks the app to drain and exit.
     pub fn terminate(&self) {
         procs::signal(self.pid, Signal::SIGTERM);

@@ -216,15 +216,6 @@ impl Log {
         let skip = lines.lines.len().saturating_sub(n);
         lines.lines[skip..].iter().map(|l| l.raw.clone()).collect()
     }
-
-    /// How many lines were read so far.
-    pub fn len(&self) -> usize {
-        self.lock().lines.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[cfg(test)]

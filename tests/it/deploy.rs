@@ -4,9 +4,7 @@
 use std::time::{Duration, Instant};
 
 use baton_testkit::procs::socket_count;
-use baton_testkit::{alive, eventually, Load, Spec};
-
-use baton_testkit::Setup;
+use baton_testkit::{alive, eventually, Load, Setup, Spec};
 
 use crate::{get_generation, setup, start};
 
