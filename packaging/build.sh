@@ -30,8 +30,10 @@ cp "$bin" "$static"
 
 # Man page and completions come from the clap definitions, never by hand.
 # They go beside the binary: cargo-deb maps the `target/release/` of the
-# asset paths in Cargo.toml to this directory, whatever the target dir.
-"$bin" man > "$release/assets/baton.1"
+# asset paths in Cargo.toml to this directory, whatever the target dir. It
+# compresses no asset from there, so the man page is gzipped here (-n: no
+# name or time stamp, the same bytes every build).
+"$bin" man | gzip -9n > "$release/assets/baton.1.gz"
 "$bin" completions bash > "$release/assets/completions/baton.bash"
 "$bin" completions zsh > "$release/assets/completions/_baton"
 "$bin" completions fish > "$release/assets/completions/baton.fish"
