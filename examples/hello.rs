@@ -39,6 +39,9 @@
 //!
 //! * `HELLO_BOOT_DELAY_MS=N`: sleep N ms after taking the sockets, before
 //!   accepting and becoming ready (a slow boot).
+//! * `HELLO_BOOT_GATE=DIR`: after the boot delay, wait until the file
+//!   `DIR/<BATON_GENERATION>` exists (checked every 5 ms), then accept and
+//!   become ready: a boot that ends exactly when a test says so.
 //! * `HELLO_FAIL=crash`: after the boot delay, exit with code 3 without
 //!   ever becoming ready.
 //! * `HELLO_FAIL=never-ready`: hold the sockets but never accept and never
@@ -57,6 +60,7 @@ use std::os::fd::AsFd;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -90,6 +94,8 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 const LINGER: Duration = Duration::from_secs(1);
 /// Longest `/slow` delay we agree to.
 const MAX_SLOW_MS: u64 = 60_000;
+/// How often a boot gate (`HELLO_BOOT_GATE`) is checked.
+const GATE_POLL: Duration = Duration::from_millis(5);
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -110,14 +116,21 @@ async fn main() {
         take_listeners().unwrap_or_else(|e| die(1, format_args!("cannot set up listeners: {e}")));
 
     let ignore_signals = config.fault == Fault::IgnoreTerm;
-    if !config.boot_delay.is_zero() {
-        tokio::select! {
-            () = sleep(config.boot_delay) => {}
-            name = next_drain_signal(&mut signals, ignore_signals) => {
-                // Nothing is in flight yet, so draining is just leaving.
-                say!("{name} during boot, exiting");
-                return;
+    let boot = async {
+        sleep(config.boot_delay).await;
+        if let Some(gate) = &config.boot_gate {
+            say!("{app} waiting for {} before becoming ready", gate.display());
+            while !gate.exists() {
+                sleep(GATE_POLL).await;
             }
+        }
+    };
+    tokio::select! {
+        () = boot => {}
+        name = next_drain_signal(&mut signals, ignore_signals) => {
+            // Nothing is in flight yet, so draining is just leaving.
+            say!("{name} during boot, exiting");
+            return;
         }
     }
 
@@ -187,6 +200,8 @@ enum Fault {
 struct Config {
     generation: u64,
     boot_delay: Duration,
+    /// The file whose existence ends the boot.
+    boot_gate: Option<PathBuf>,
     fault: Fault,
 }
 
@@ -200,9 +215,13 @@ impl Config {
             Some("ignore-term") => Fault::IgnoreTerm,
             Some(other) => die(2, format_args!("unknown HELLO_FAIL={other}")),
         };
+        let generation = number_from_env("BATON_GENERATION");
+        let boot_gate = env::var_os("HELLO_BOOT_GATE")
+            .map(|dir| PathBuf::from(dir).join(generation.to_string()));
         Config {
-            generation: number_from_env("BATON_GENERATION"),
+            generation,
             boot_delay: Duration::from_millis(number_from_env("HELLO_BOOT_DELAY_MS")),
+            boot_gate,
             fault,
         }
     }

@@ -399,10 +399,10 @@ impl Shell {
                         // Out of fds (EMFILE/ENFILE), say: accept() would
                         // fail again at once. Pause, growing up to 1 s; one
                         // line per pause.
-                        tracing::warn!(
-                            "control socket: {e}; not accepting for {}",
-                            crate::notice::secs(accept_backoff)
-                        );
+                        self.notice(Notice::ControlAcceptPaused {
+                            error: e.to_string(),
+                            pause: accept_backoff,
+                        });
                         accept_paused = Some(tokio::time::Instant::now() + accept_backoff);
                         accept_backoff = (accept_backoff * 2).min(ACCEPT_BACKOFF_MAX);
                     }

@@ -125,6 +125,13 @@ pub enum Notice {
         generations: Vec<u64>,
         error: Option<String>,
     },
+    /// accept() on the control socket failed (out of fds, say): baton
+    /// stops accepting for `pause`.
+    ControlAcceptPaused {
+        error: String,
+        #[serde(rename = "pause_ms", with = "millis")]
+        pause: Duration,
+    },
     /// A control connection from someone not allowed to use it.
     ControlRefused {
         uid: u32,
@@ -287,6 +294,7 @@ impl Notice {
             ListenerRestored { error: Some(_), .. } => Level::Error,
             ListenerRestored { .. } => Level::Warn,
             ControlRefused { .. }
+            | ControlAcceptPaused { .. }
             | ControlChangeDeferred
             | RestartScheduled { .. }
             | DrainTimedOut { .. }
@@ -386,6 +394,11 @@ impl fmt::Display for Notice {
                     Some(e) => write!(f, "cannot listen again: {e}"),
                 }
             }
+            ControlAcceptPaused { error, pause } => write!(
+                f,
+                "control socket: {error}; not accepting for {}",
+                secs(*pause)
+            ),
             ControlRefused { uid, pid } => write!(
                 f,
                 "control connection from uid {uid} (pid {}) refused: not root, baton's user \

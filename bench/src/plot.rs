@@ -10,8 +10,8 @@ use std::path::Path;
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
-use crate::load::WINDOW;
 use crate::scenarios::{Cycle, Lifespan, Measurements, Trace};
+use baton_testkit::load::WINDOW;
 
 /// Restarts / deploys drawn; with more, the chart would be too dense to
 /// read (the report's tables count them all).

@@ -2,15 +2,16 @@
 //! is judged here; the reader compares.
 
 use std::fmt::Write;
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use hdrhistogram::Histogram;
 
-use crate::load::{self, Stats, Tally};
 use crate::scenarios::{
     DeployRecord, Deploys, Measurements, Scale, Throughput, Trace, BOOT_DELAY, BROKEN_READINESS,
 };
 use crate::Plan;
+use baton_testkit::load::{self, Stats, Tally};
 
 /// One figure of a deploy, when it was measured.
 type Figure = fn(&DeployRecord) -> Option<Duration>;
@@ -177,10 +178,10 @@ impl Report<'_> {
              {} s timeout. After a failure a client waits {} ms before its next request (as a \
              retrying client would), so failure counts measure how long an outage lasts, not how \
              fast a refused `connect()` returns.",
-            p.mix.fresh,
-            p.mix.keep_alive,
-            load::REQUEST_TIMEOUT.as_secs(),
-            load::FAILURE_PAUSE.as_millis()
+            p.load.mix.fresh,
+            p.load.mix.keep_alive,
+            p.load.request_timeout.as_secs(),
+            p.load.failure_pause.as_millis()
         );
         put!(
             out,
@@ -205,9 +206,10 @@ impl Report<'_> {
         );
         put!(
             out,
-            "- The load generator runs on one thread; a heartbeat task measures how late its \
-             event loop wakes up. On a busy machine it is held up at times: a silence or a \
-             latency no longer than that may be the bench's own, not the server's."
+            "- The load generator runs on a thread of its own, apart from the deploys; a \
+             heartbeat task measures how late its event loop wakes up. On a busy machine it is \
+             held up at times: a silence or a latency no longer than that may be the bench's \
+             own, not the server's."
         );
         put!(
             out,
@@ -558,7 +560,7 @@ pub struct Machine {
 
 impl Machine {
     /// Read before the bench loads the machine (for the load average).
-    pub fn describe() -> Machine {
+    pub fn describe(baton: &Path) -> Machine {
         let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
         let cpuinfo = read("/proc/cpuinfo");
         let cpu = cpuinfo
@@ -578,7 +580,7 @@ impl Machine {
             memory,
             kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
             load: load.join(" "),
-            baton: baton_version(),
+            baton: baton_version(baton),
         }
     }
 
@@ -598,9 +600,17 @@ impl Machine {
     }
 }
 
-/// The version, the git commit when the source tree is at hand, and the
-/// build profile (a debug build's figures mean little).
-fn baton_version() -> String {
+/// The version the measured binary reports, the git commit when the source
+/// tree is at hand, and the build profile (a debug build's figures mean
+/// little).
+fn baton_version(baton: &Path) -> String {
+    let version = std::process::Command::new(baton)
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| format!("{} (no --version)", baton.display()));
     let git = std::process::Command::new("git")
         .args([
             "-C",
@@ -619,8 +629,8 @@ fn baton_version() -> String {
         "release build"
     };
     match git {
-        Some(commit) => format!("{} (commit {commit}), {profile}", env!("CARGO_PKG_VERSION")),
-        None => format!("{}, {profile}", env!("CARGO_PKG_VERSION")),
+        Some(commit) => format!("{version} (commit {commit}), {profile}"),
+        None => format!("{version}, {profile}"),
     }
 }
 

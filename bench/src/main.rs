@@ -1,7 +1,7 @@
 //! `baton-bench`: the zero-downtime proof, a benchmark anyone can rerun.
 //!
 //! ```text
-//! cargo run --release --bin baton-bench -- [--quick] --out DIR
+//! cargo run --release -p baton-bench -- [--quick] --out DIR
 //! ```
 //!
 //! writes `DIR/report.md` and `DIR/timeline.svg`. Under a closed-loop load
@@ -29,30 +29,32 @@
 //! loopback; every process it starts is stopped by pid at the end, also on
 //! error, Ctrl-C or panic.
 //!
+//! The processes, baton's log and the load generator come from the test
+//! kit (`testkit/`), shared with the integration tests. The scenarios run
+//! on the main thread; each load runs on a thread of its own.
+//!
 //! # Binaries
 //!
 //! `baton` and the example app are taken from this executable's directory
 //! (`target/release/baton`, `target/release/examples/hello`). Under
 //! `cargo run` (`CARGO` is set) the bench first runs
-//! `cargo build --bin baton --example hello` with its own profile:
-//! `cargo run --bin baton-bench` builds neither, and a stale `baton` would
-//! be measured without a word. Started any other way it only checks that
-//! they exist and names the command that builds them.
+//! `cargo build -p baton --bin baton --example hello` in its own profile
+//! (and target directory): `cargo run -p baton-bench` builds neither, and a
+//! stale `baton` would be measured without a word. Started any other way
+//! it only checks that they exist and names the command that builds them.
 
-mod load;
 mod plot;
-mod procs;
 mod report;
 mod scenarios;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
 
+use baton_testkit::binaries::Profile;
+use baton_testkit::harness::Launch;
+use baton_testkit::{Binaries, Mix, Setup, Spec};
 use clap::Parser;
-
-use crate::load::Mix;
-use crate::procs::Setup;
 
 /// Zero-downtime benchmark of baton: writes DIR/report.md and DIR/timeline.svg.
 #[derive(Parser)]
@@ -70,7 +72,8 @@ struct Args {
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub quick: bool,
-    pub mix: Mix,
+    /// The load's clients and timeouts; its limit is set per scenario.
+    pub load: Spec,
     /// A: restarts.
     pub restarts: usize,
     /// B: deploys.
@@ -92,12 +95,20 @@ pub struct Plan {
     pub limit: Duration,
 }
 
-const QUICK: Plan = Plan {
-    quick: true,
+/// 24 fresh-connection clients and one keep-alive client; 5 s per request.
+const LOAD: Spec = Spec {
     mix: Mix {
         fresh: 24,
         keep_alive: 1,
     },
+    request_timeout: Duration::from_secs(5),
+    failure_pause: Duration::from_millis(10),
+    limit: Duration::from_secs(300),
+};
+
+const QUICK: Plan = Plan {
+    quick: true,
+    load: LOAD,
     restarts: 5,
     deploys: 5,
     spacing: Duration::from_millis(800),
@@ -112,10 +123,7 @@ const QUICK: Plan = Plan {
 
 const FULL: Plan = Plan {
     quick: false,
-    mix: Mix {
-        fresh: 24,
-        keep_alive: 1,
-    },
+    load: LOAD,
     restarts: 20,
     deploys: 100,
     spacing: Duration::from_millis(500),
@@ -130,8 +138,7 @@ const FULL: Plan = Plan {
 
 /// What every scenario needs.
 pub struct Env {
-    pub baton: PathBuf,
-    pub hello: PathBuf,
+    pub binaries: Binaries,
     /// Private scratch directory (configs, control sockets).
     pub scratch: PathBuf,
     pub plan: Plan,
@@ -140,23 +147,28 @@ pub struct Env {
 impl Env {
     /// A baton setup running the example app on one listener.
     pub fn setup(&self, boot_delay: Duration) -> Setup {
-        Setup {
-            hello: self.hello.clone(),
-            listeners: 1,
-            boot_delay,
-            fail: None,
-            readiness_timeout: scenarios::READINESS,
-        }
+        let mut setup = Setup::new(&self.binaries)
+            .env("HELLO_BOOT_DELAY_MS", &boot_delay.as_millis().to_string())
+            .readiness_timeout(scenarios::READINESS);
+        setup.drain_timeout = "10s".into();
+        setup
     }
 
-    /// A directory of the scratch space for one baton.
-    pub fn dir(&self, name: &str) -> PathBuf {
-        self.scratch.join(name)
+    /// How the bench starts baton: JSON log (timestamps to the µs), its
+    /// temp dir in the scratch space.
+    pub fn launch(&self) -> Launch<'static> {
+        Launch::default()
+            .arg("--log-format")
+            .arg("json")
+            .parent(&self.scratch)
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// What the kit reports already names what failed.
+    #[error(transparent)]
+    Kit(#[from] baton_testkit::Error),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -165,8 +177,6 @@ pub enum Error {
     /// Something needed for a measurement did not happen.
     #[error("{0}")]
     Bench(String),
-    #[error("interrupted by {0}; everything started was stopped")]
-    Interrupted(&'static str),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -198,27 +208,27 @@ fn main() -> ExitCode {
 
 fn bench(args: &Args) -> Result<()> {
     let plan = if args.quick { QUICK } else { FULL };
-    let (baton, hello) = binaries()?;
+    let binaries = binaries()?;
     std::fs::create_dir_all(&args.out)
         .context(|| format!("cannot create {}", args.out.display()))?;
     let scratch = Scratch::create()?;
-    procs::install_panic_hook(scratch.0.clone());
+    install_panic_hook(scratch.0.clone());
+    stop_on_signals(scratch.0.clone())?;
     let env = Env {
-        baton,
-        hello,
+        binaries,
         scratch: scratch.0.clone(),
         plan,
     };
-    let machine = report::Machine::describe();
+    let machine = report::Machine::describe(&env.binaries.baton);
     let (started, clock) = (SystemTime::now(), Instant::now());
     println!(
         "baton-bench ({} mode), scratch in {}",
         mode(&env.plan),
         scratch.0.display()
     );
-    let measured = run(&env);
+    let measured = scenarios::run_all(&env);
     // Whatever happened: nothing the bench started outlives it.
-    procs::kill_started();
+    baton_testkit::kill_started();
     let measured = measured?;
     let report = report::Report {
         plan: &env.plan,
@@ -238,33 +248,52 @@ fn bench(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// Runs the scenarios on a single-threaded runtime until done or until a
-/// Ctrl-C/SIGTERM; dropping the scenario future then drops its guards.
-fn run(env: &Env) -> Result<scenarios::Measurements> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context(|| "cannot start the tokio runtime")?;
-    runtime.block_on(async {
-        tokio::select! {
-            measured = scenarios::run_all(env) => measured,
-            name = interrupted() => Err(Error::Interrupted(name)),
-        }
-    })
+/// Kills everything started and removes `scratch` when the bench panics.
+fn install_panic_hook(scratch: PathBuf) {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        baton_testkit::kill_started();
+        let _ = std::fs::remove_dir_all(&scratch);
+    }));
 }
 
-async fn interrupted() -> &'static str {
+/// On SIGINT or SIGTERM: kills everything started, removes `scratch` and
+/// exits 130 or 143. A thread of its own waits for the signals (tokio's
+/// handlers: nothing is blocked or ignored, so the processes the bench
+/// starts inherit no signal state from it).
+fn stop_on_signals(scratch: PathBuf) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
-    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .context(|| "cannot start a runtime for signals")?;
+    // Installed here, before any scenario starts: a signal from now on is
+    // caught, not fatal.
+    let (int, term) = runtime.block_on(async {
+        (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        )
+    });
+    let mut int = int.context(|| "cannot handle SIGINT")?;
+    let mut term = term.context(|| "cannot handle SIGTERM")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let (name, code) = runtime.block_on(async {
+                tokio::select! {
+                    _ = int.recv() => ("SIGINT", 130),
+                    _ = term.recv() => ("SIGTERM", 143),
+                }
+            });
+            eprintln!("baton-bench: interrupted by {name}; stopping everything it started");
+            baton_testkit::kill_started();
+            let _ = std::fs::remove_dir_all(&scratch);
+            std::process::exit(code);
+        })
+        .context(|| "cannot start the signal thread")?;
+    Ok(())
 }
 
 fn mode(plan: &Plan) -> &'static str {
@@ -278,51 +307,19 @@ fn mode(plan: &Plan) -> &'static str {
 /// The command that reruns this, and how it was run.
 fn command_line() -> String {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    format!(
-        "cargo run --release --bin baton-bench -- {}",
-        args.join(" ")
-    )
+    format!("cargo run --release -p baton-bench -- {}", args.join(" "))
 }
 
 /// `baton` and the example app, built first when run by cargo.
-fn binaries() -> Result<(PathBuf, PathBuf)> {
+fn binaries() -> Result<Binaries> {
     let exe = std::env::current_exe().context(|| "cannot find the bench's own executable")?;
     let dir = exe.parent().unwrap_or(Path::new("."));
-    let (baton, hello) = (dir.join("baton"), dir.join("examples").join("hello"));
-    let release = !cfg!(debug_assertions);
-    if let Some(cargo) = std::env::var_os("CARGO") {
-        let mut build = Command::new(cargo);
-        build
-            .args([
-                "build",
-                "--bin",
-                "baton",
-                "--example",
-                "hello",
-                "--manifest-path",
-            ])
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"));
-        if release {
-            build.arg("--release");
-        }
-        let status = build.status().context(|| "cannot run cargo")?;
-        if !status.success() {
-            return Err(Error::Bench(format!(
-                "building baton and the example app failed ({status})"
-            )));
-        }
+    if std::env::var_os("CARGO").is_some() {
+        Profile::of(dir).build(&["--bin", "baton", "--example", "hello"])?;
     }
-    for path in [&baton, &hello] {
-        if !path.exists() {
-            let profile = if release { " --release" } else { "" };
-            return Err(Error::Bench(format!(
-                "{} is missing (the bench looks next to its own executable): \
-                 build it with `cargo build{profile} --bin baton --example hello`",
-                path.display()
-            )));
-        }
-    }
-    Ok((baton, hello))
+    let binaries = Binaries::in_dir(dir);
+    binaries.check()?;
+    Ok(binaries)
 }
 
 /// The bench's private directory under the system temp dir, removed on drop

@@ -1,45 +1,79 @@
-//! The closed-loop load generator. `fresh` clients send each request on a
-//! new connection (`Connection: close`); `keep_alive` clients reuse one
-//! connection. Closed loop: a client sends its next request when the last
-//! one has finished, so the load follows what the server answers.
+//! The closed-loop HTTP load generator, and single requests.
 //!
-//! Every request is bounded by [`REQUEST_TIMEOUT`] and every client by the
-//! load's deadline. Results are counted by outcome (ok, refused,
+//! `fresh` clients send each request on a new connection (`Connection:
+//! close`); `keep_alive` clients reuse one connection. Closed loop: a client
+//! sends its next request when the last one has finished, so the load
+//! follows what the server answers.
+//!
+//! A load runs on a thread of its own (a current-thread tokio runtime, all
+//! clients as tasks), apart from whatever drives the deploys: a busy
+//! orchestration never holds the clients up, and the heartbeat measures
+//! only the load's own event loop.
+//!
+//! Every request is bounded by [`Spec::request_timeout`] and every client
+//! by the load's deadline. Results are counted by outcome (ok, refused,
 //! reset/closed, timed out, wrong answer, other), latencies of answered
-//! requests go into HDR histograms, and every request lands in a 10 ms
-//! window of the [`Timeline`], under the generation that answered it.
+//! requests go into HDR histograms, and every request lands in a
+//! [`WINDOW`] of the [`Timeline`], under the generation that answered it.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::future::Future;
 use std::io::{self, ErrorKind};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::time::{sleep, timeout};
 
-/// No request may take longer; it then counts as timed out.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// After a failure a client waits this long before its next request, as a
-/// real client's retry would. The failure count then measures how long an
-/// outage lasted, not how fast a refused `connect()` returns.
-pub const FAILURE_PAUSE: Duration = Duration::from_millis(10);
 /// Width of one window of the timeline.
 pub const WINDOW: Duration = Duration::from_millis(10);
 
-const FRESH_REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n";
-const KEEP_ALIVE_REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n";
+const FRESH_REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: load\r\nConnection: close\r\n\r\n";
+const KEEP_ALIVE_REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: load\r\n\r\n";
 /// hello's responses are ~150 bytes; anything much longer is wrong.
 const MAX_RESPONSE: u64 = 64 * 1024;
-/// How often the heartbeat checks that the bench's own event loop runs.
+/// How often the heartbeat checks that the load's own event loop runs.
 const HEARTBEAT: Duration = Duration::from_millis(5);
 /// Distinct error texts kept for the report.
 const MAX_ERROR_KINDS: usize = 20;
+
+/// What a load does.
+#[derive(Debug, Clone, Copy)]
+pub struct Spec {
+    pub mix: Mix,
+    /// No request may take longer; it then counts as timed out.
+    pub request_timeout: Duration,
+    /// After a failure a client waits this long before its next request,
+    /// as a real client's retry would. The failure count then measures how
+    /// long an outage lasted, not how fast a refused `connect()` returns.
+    pub failure_pause: Duration,
+    /// The clients stop by themselves this long after the start, in case
+    /// nobody stops them.
+    pub limit: Duration,
+}
+
+impl Default for Spec {
+    /// The integration tests' load: 32 fresh-connection clients and one
+    /// keep-alive client, 10 s per request, at most two minutes.
+    fn default() -> Spec {
+        Spec {
+            mix: Mix {
+                fresh: 32,
+                keep_alive: 1,
+            },
+            request_timeout: Duration::from_secs(10),
+            failure_pause: Duration::from_millis(10),
+            limit: Duration::from_secs(120),
+        }
+    }
+}
 
 /// How many clients of each kind.
 #[derive(Debug, Clone, Copy)]
@@ -55,7 +89,7 @@ pub enum Failure {
     Refused,
     /// The connection was reset or closed before a complete response.
     Reset,
-    /// No complete response within [`REQUEST_TIMEOUT`].
+    /// No complete response within [`Spec::request_timeout`].
     TimedOut,
     /// A complete response, but not `200` with `generation=<n>`.
     Wrong,
@@ -211,6 +245,8 @@ pub struct Tally {
     /// reused one closed before any byte of the response.
     pub retried: u64,
     pub timeline: Timeline,
+    /// When each generation's first answer arrived.
+    pub first_answer: BTreeMap<u64, Instant>,
     /// Error texts and how often each was seen.
     pub errors: BTreeMap<String, u64>,
     /// How long the load ran.
@@ -219,9 +255,9 @@ pub struct Tally {
     pub stall: Stall,
 }
 
-/// The longest the bench's own event loop was held up (descheduled on a
-/// busy machine, or busy itself), and when. No request completes in that
-/// time: a silence no longer than this may be the bench's, not the server's.
+/// The longest the load's own event loop was held up (descheduled on a
+/// busy machine), and when. No request completes in that time: a silence
+/// no longer than this may be the load generator's, not the server's.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Stall {
     /// Seconds from the load's origin.
@@ -238,6 +274,15 @@ impl Tally {
         self.fresh.failed() + self.keep_alive.failed()
     }
 
+    /// Answers per generation that gave them.
+    pub fn by_generation(&self) -> BTreeMap<u64, u64> {
+        let mut answers = BTreeMap::new();
+        for (&(_, generation), &n) in &self.timeline.answered {
+            *answers.entry(generation).or_default() += u64::from(n);
+        }
+        answers
+    }
+
     /// Both kinds of client together.
     pub fn all(&self) -> Stats {
         let mut all = self.fresh.clone();
@@ -251,6 +296,10 @@ impl Tally {
         self.keep_alive.merge(&other.keep_alive);
         self.retried += other.retried;
         self.timeline.merge(&other.timeline);
+        for (&generation, &at) in &other.first_answer {
+            let first = self.first_answer.entry(generation).or_insert(at);
+            *first = (*first).min(at);
+        }
         if other.stall.late > self.stall.late {
             self.stall = other.stall;
         }
@@ -262,7 +311,8 @@ impl Tally {
     }
 
     fn record(&mut self, kind: Kind, result: Result<u64, Failed>, began: Instant, origin: Instant) {
-        let window = window_of(origin, Instant::now());
+        let now = Instant::now();
+        let window = window_of(origin, now);
         let stats = match kind {
             Kind::Fresh => &mut self.fresh,
             Kind::KeepAlive => &mut self.keep_alive,
@@ -276,6 +326,7 @@ impl Tally {
                     .answered
                     .entry((window, generation))
                     .or_default() += 1;
+                self.first_answer.entry(generation).or_insert(now);
             }
             Err(failed) => {
                 stats.count(failed.kind);
@@ -285,6 +336,32 @@ impl Tally {
                 }
             }
         }
+    }
+}
+
+/// One line for a test's output: counts, and the first errors seen.
+impl fmt::Display for Tally {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let all = self.all();
+        write!(
+            f,
+            "{} answered {:?}, {} failed (refused {}, reset {}, timed out {}, wrong {}, \
+             other {}), {} keep-alive retries in {:.1} s",
+            self.ok(),
+            self.by_generation(),
+            self.failed(),
+            all.refused,
+            all.reset,
+            all.timed_out,
+            all.wrong,
+            all.other,
+            self.retried,
+            self.elapsed.as_secs_f64()
+        )?;
+        if !self.errors.is_empty() {
+            write!(f, "; errors: {:?}", self.errors)?;
+        }
+        Ok(())
     }
 }
 
@@ -304,80 +381,122 @@ enum Kind {
     KeepAlive,
 }
 
-/// A running load. Dropping it tells the clients to stop.
+/// A running load on its own thread. Dropping it stops the clients and
+/// waits for them (each finishes its request in flight).
 pub struct Load {
     stop: Arc<AtomicBool>,
-    clients: Vec<JoinHandle<Tally>>,
-    heartbeat: Option<JoinHandle<Stall>>,
+    thread: Option<JoinHandle<Tally>>,
     started: Instant,
 }
 
 impl Load {
-    /// Starts the clients against `target`. Windows count from `origin`;
-    /// the clients stop by themselves after `limit`.
-    pub fn start(target: SocketAddr, mix: Mix, origin: Instant, limit: Duration) -> Load {
+    /// Starts the clients against `target` and returns once they run.
+    /// Windows count from `origin`; the clients stop by themselves after
+    /// `spec.limit`.
+    pub fn start(target: SocketAddr, origin: Instant, spec: Spec) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
-        let deadline = Instant::now() + limit;
-        let kinds = std::iter::repeat_n(Kind::Fresh, mix.fresh)
-            .chain(std::iter::repeat_n(Kind::KeepAlive, mix.keep_alive));
-        let clients = kinds
-            .map(|kind| tokio::spawn(client(kind, target, origin, deadline, stop.clone())))
-            .collect();
-        let heartbeat = tokio::spawn(heartbeat(origin, deadline, stop.clone()));
+        let deadline = Instant::now() + spec.limit;
+        let flag = stop.clone();
+        let (running, started) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("load".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a tokio runtime for the load");
+                runtime.block_on(run(target, spec, origin, deadline, flag, running))
+            })
+            .expect("a thread for the load");
+        // Bounded: the thread reports at once, or has panicked (then its
+        // sender is gone) and `stop` says so.
+        let _ = started.recv_timeout(Duration::from_secs(10));
         Load {
             stop,
-            clients,
-            heartbeat: Some(heartbeat),
+            thread: Some(thread),
             started: Instant::now(),
         }
     }
 
-    /// Stops the clients (each finishes its request in flight) and adds up
-    /// what they measured.
-    pub async fn stop(mut self) -> crate::Result<Tally> {
+    /// Stops the clients and adds up what they measured.
+    pub fn stop(mut self) -> Tally {
         let elapsed = self.started.elapsed();
         self.stop.store(true, Ordering::Relaxed);
-        let mut total = Tally::default();
-        let lost = |e| crate::Error::Bench(format!("a load client was lost: {e}"));
-        for client in std::mem::take(&mut self.clients) {
-            total.merge(&client.await.map_err(lost)?);
-        }
-        if let Some(heartbeat) = self.heartbeat.take() {
-            total.stall = heartbeat.await.map_err(lost)?;
-        }
-        total.elapsed = elapsed;
-        Ok(total)
+        let thread = self.thread.take().expect("stopped once");
+        let mut tally = thread
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        tally.elapsed = elapsed;
+        tally
     }
 }
 
 impl Drop for Load {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
+}
+
+/// Every client and the heartbeat, on the load's runtime.
+async fn run(
+    target: SocketAddr,
+    spec: Spec,
+    origin: Instant,
+    deadline: Instant,
+    stop: Arc<AtomicBool>,
+    running: std::sync::mpsc::Sender<()>,
+) -> Tally {
+    let kinds = std::iter::repeat_n(Kind::Fresh, spec.mix.fresh)
+        .chain(std::iter::repeat_n(Kind::KeepAlive, spec.mix.keep_alive));
+    let clients: Vec<_> = kinds
+        .map(|kind| {
+            let client = client(kind, target, spec, origin, deadline, stop.clone());
+            tokio::spawn(client)
+        })
+        .collect();
+    let heartbeat = tokio::spawn(heartbeat(origin, deadline, stop));
+    let _ = running.send(());
+    let mut total = Tally::default();
+    for client in clients {
+        match client.await {
+            Ok(tally) => total.merge(&tally),
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+    match heartbeat.await {
+        Ok(stall) => total.stall = stall,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+    total
 }
 
 /// One client's closed loop, until told to stop or past its deadline.
 async fn client(
     kind: Kind,
     target: SocketAddr,
+    spec: Spec,
     origin: Instant,
     deadline: Instant,
     stop: Arc<AtomicBool>,
 ) -> Tally {
     let mut tally = Tally::default();
     let mut connection = None;
+    let limit = spec.request_timeout;
     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
         let began = Instant::now();
         let result = match kind {
-            Kind::Fresh => bounded(fresh_request(target)).await,
+            Kind::Fresh => bounded(limit, fresh_request(target)).await,
             Kind::KeepAlive => {
-                keep_alive_request(target, &mut connection, &mut tally.retried).await
+                keep_alive_request(target, limit, &mut connection, &mut tally.retried).await
             }
         };
         let failed = result.is_err();
         tally.record(kind, result, began, origin);
         if failed {
-            sleep(FAILURE_PAUSE).await;
+            sleep(spec.failure_pause).await;
         }
     }
     tally
@@ -398,17 +517,40 @@ async fn heartbeat(origin: Instant, deadline: Instant, stop: Arc<AtomicBool>) ->
     worst
 }
 
-/// One GET on a fresh connection, for checks outside a load: the
-/// generation that answered, or why not.
-pub async fn probe(target: SocketAddr) -> Result<u64, String> {
-    bounded(fresh_request(target)).await.map_err(|f| f.detail)
+/// One GET on a fresh connection, outside a load: the generation that
+/// answered, or why not. Blocks for at most `limit`.
+pub fn probe(target: SocketAddr, limit: Duration) -> Result<u64, String> {
+    block_on(bounded(limit, fresh_request(target))).map_err(|f| f.detail)
 }
 
-async fn bounded(request: impl Future<Output = Result<u64, Failed>>) -> Result<u64, Failed> {
-    timeout(REQUEST_TIMEOUT, request).await.unwrap_or_else(|_| {
+/// [`probe`] over a unix socket listener.
+pub fn probe_unix(path: &Path, limit: Duration) -> Result<u64, String> {
+    let request = async {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|e| Failed::io(e, true))?;
+        get(stream).await
+    };
+    block_on(bounded(limit, request)).map_err(|f| f.detail)
+}
+
+/// Runs one request to completion on a runtime of its own.
+fn block_on<T>(request: impl Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime for a request")
+        .block_on(request)
+}
+
+async fn bounded(
+    limit: Duration,
+    request: impl Future<Output = Result<u64, Failed>>,
+) -> Result<u64, Failed> {
+    timeout(limit, request).await.unwrap_or_else(|_| {
         Err(Failed {
             kind: Failure::TimedOut,
-            detail: format!("no complete response within {REQUEST_TIMEOUT:?}"),
+            detail: format!("no complete response within {limit:?}"),
             before_response: false,
         })
     })
@@ -416,9 +558,14 @@ async fn bounded(request: impl Future<Output = Result<u64, Failed>>) -> Result<u
 
 /// One GET with `Connection: close`: the generation that answered.
 async fn fresh_request(target: SocketAddr) -> Result<u64, Failed> {
-    let mut stream = TcpStream::connect(target)
+    let stream = TcpStream::connect(target)
         .await
         .map_err(|e| Failed::io(e, true))?;
+    get(stream).await
+}
+
+/// One GET with `Connection: close` on a connected stream.
+async fn get(mut stream: impl AsyncRead + AsyncWrite + Unpin) -> Result<u64, Failed> {
     stream
         .write_all(FRESH_REQUEST)
         .await
@@ -450,16 +597,17 @@ type Connection = BufReader<TcpStream>;
 /// goes out (hello closes idle connections when it drains).
 async fn keep_alive_request(
     target: SocketAddr,
+    limit: Duration,
     connection: &mut Option<Connection>,
     retried: &mut u64,
 ) -> Result<u64, Failed> {
     let reused = connection.is_some();
-    let mut result = bounded(exchange(target, connection)).await;
+    let mut result = bounded(limit, exchange(target, connection)).await;
     if let Err(failed) = &result {
         if reused && failed.before_response && failed.kind == Failure::Reset {
             *retried += 1;
             *connection = None;
-            result = bounded(exchange(target, connection)).await;
+            result = bounded(limit, exchange(target, connection)).await;
         }
     }
     if result.is_err() {

@@ -1,8 +1,6 @@
 //! The control socket: who may use it, and what a misbehaving client gets
 //! (issue 3). Bad requests get an error line and never block the daemon.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
@@ -10,11 +8,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Baton, Setup, BATON};
+use baton_testkit::{skip, Baton, Notice};
 
-fn socket(baton: &Baton) -> std::path::PathBuf {
-    baton.dir.path().join("baton.sock")
-}
+use crate::{setup, start, BATON};
 
 /// Sends raw bytes, returns the first reply line.
 fn raw(path: &Path, bytes: &[u8]) -> String {
@@ -28,33 +24,33 @@ fn raw(path: &Path, bytes: &[u8]) -> String {
 
 #[test]
 fn bad_requests_get_an_error_line_and_the_daemon_keeps_serving() {
-    let baton = Baton::start(Setup::default());
-    let path = socket(&baton);
+    let baton = start(&setup());
+    let path = baton.control();
     // A silent client holds a connection open the whole time.
-    let _silent = UnixStream::connect(&path).unwrap();
+    let _silent = UnixStream::connect(path).unwrap();
 
-    let reply = raw(&path, b"this is not json\n");
+    let reply = raw(path, b"this is not json\n");
     assert!(
         reply.starts_with(r#"{"v":1,"event":"error","message":"bad request"#),
         "{reply}"
     );
-    let reply = raw(&path, b"{\"command\":\"explode\"}\n");
+    let reply = raw(path, b"{\"command\":\"explode\"}\n");
     assert!(reply.contains("unknown variant `explode`"), "{reply}");
-    let reply = raw(&path, b"{\"v\":9,\"command\":\"status\"}\n");
+    let reply = raw(path, b"{\"v\":9,\"command\":\"status\"}\n");
     assert!(reply.contains("version 9 is not supported"), "{reply}");
     let mut huge = vec![b'x'; 70 * 1024];
     huge.push(b'\n');
-    let reply = raw(&path, &huge);
+    let reply = raw(path, &huge);
     assert!(reply.contains("longer than 64 KiB"), "{reply}");
 
-    let reply = raw(&path, b"{\"v\":1,\"command\":\"status\"}\n");
+    let reply = raw(path, b"{\"v\":1,\"command\":\"status\"}\n");
     assert!(reply.starts_with(r#"{"v":1,"event":"status""#), "{reply}");
     assert_eq!(baton.generations(), [(1, "ready".to_owned())]);
 }
 
 #[test]
 fn status_prints_a_table_and_stable_json() {
-    let baton = Baton::start(Setup::default());
+    let baton = start(&setup());
     let (code, _, _) = baton.reload_wait();
     assert_eq!(code, 0);
     let out = baton.cli(&["status"]);
@@ -65,7 +61,7 @@ fn status_prints_a_table_and_stable_json() {
         "{table}"
     );
     assert!(
-        table.contains(&format!("listener http: 127.0.0.1:{}", baton.port)),
+        table.contains(&format!("listener http: 127.0.0.1:{}", baton.port())),
         "{table}"
     );
     let json = baton.status();
@@ -104,27 +100,30 @@ fn status_as(baton: &Baton, uid: u32, gid: u32, groups: &str) -> std::process::O
             "status",
             "-c",
         ])
-        .arg(&baton.config)
+        .arg(baton.config())
         .output()
         .expect("setpriv (util-linux) runs")
 }
 
-/// Needs root (to act as other users through `setpriv`); CI runs as root.
+/// Needs root (to act as other users through `setpriv`): without it, it
+/// says SKIPPED on stderr, past the test harness's capture. CI runs as root.
 #[test]
 fn control_group_members_may_connect_others_are_refused() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root to run clients as other users");
+        skip(
+            "control::control_group_members_may_connect_others_are_refused",
+            "needs root to run clients as other users (setpriv); CI runs it as root",
+        );
         return;
     }
-    let setup = Setup {
-        extra: "group = \"nogroup\"\n".into(),
-        ..Setup::default()
-    };
-    let mut baton = Baton::start(setup);
-    let path = socket(&baton);
+    let mut baton = start(&baton_testkit::Setup {
+        control: "group = \"nogroup\"".into(),
+        ..setup()
+    });
+    let path = baton.control().to_owned();
     // Let other users reach the socket file itself (and read the config).
-    std::fs::set_permissions(baton.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(&baton.config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(baton.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(baton.config(), std::fs::Permissions::from_mode(0o644)).unwrap();
     let meta = std::fs::metadata(&path).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
     use std::os::unix::fs::MetadataExt;
@@ -150,14 +149,17 @@ fn control_group_members_may_connect_others_are_refused() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("permission denied"), "{stderr}");
-    baton.wait_log("control connection from uid 4242", Duration::from_secs(10));
+    baton
+        .wait_notice("the refusal", Duration::from_secs(10), |n| {
+            matches!(n, Notice::ControlRefused { uid: 4242, .. })
+        })
+        .unwrap();
 }
 
 #[test]
 fn slow_client_does_not_block_the_daemon() {
-    let baton = Baton::start(Setup::default());
-    let path = socket(&baton);
-    let mut slow = UnixStream::connect(&path).unwrap();
+    let baton = start(&setup());
+    let mut slow = UnixStream::connect(baton.control()).unwrap();
     slow.write_all(b"{\"command\":").unwrap(); // and nothing more, for now
     let (code, stdout, stderr) = baton.reload_wait();
     assert_eq!(code, 0, "{stdout}{stderr}");

@@ -4,12 +4,13 @@
 //! a scenario past its time stops early and the report says how far it got.
 
 use std::net::SocketAddr;
+use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::time::sleep;
+use baton_testkit::load::{self, Load, Spec, Tally};
+use baton_testkit::procs::{cpu_time, Footprint};
+use baton_testkit::{App, Baton, Listen, Mark, Setup};
 
-use crate::load::{self, Load, Tally};
-use crate::procs::{cpu_time, App, Baton, Footprint, Mark, Setup};
 use crate::report::ms;
 use crate::{Context, Env, Error, Result};
 
@@ -27,9 +28,19 @@ pub const LISTENER_COUNTS: [usize; 3] = [1, 8, 64];
 const START_LIMIT: Duration = Duration::from_secs(15);
 const EXIT_LIMIT: Duration = Duration::from_secs(15);
 const MARK_LIMIT: Duration = Duration::from_secs(5);
+/// Bounds one GET outside a load.
+const PROBE_LIMIT: Duration = Duration::from_secs(5);
 /// Load clients stop by themselves this long after a scenario's limit, in
 /// case nobody stops them.
 const LOAD_SLACK: Duration = Duration::from_secs(60);
+
+/// The plan's load, bounded by `limit` and some slack.
+fn spec(plan: &crate::Plan, limit: Duration) -> Spec {
+    Spec {
+        limit: limit + LOAD_SLACK,
+        ..plan.load
+    }
+}
 
 /// Relates both clocks to one origin: the load's windows count on the
 /// monotonic clock, baton's log carries wall-clock timestamps.
@@ -188,36 +199,36 @@ pub struct Measurements {
     pub scale: Vec<Scale>,
 }
 
-pub async fn run_all(env: &Env) -> Result<Measurements> {
+pub fn run_all(env: &Env) -> Result<Measurements> {
     let plan = &env.plan;
     println!(
         "A: the app alone, restarted stop-then-start {} times under load",
         plan.restarts
     );
-    let baseline = baseline(env).await?;
+    let baseline = baseline(env)?;
     println!("   {}", summary(&baseline.trace.tally));
     println!(
         "B: the app under baton, {} deploys under load",
         plan.deploys
     );
-    let deploys = deploys(env).await?;
+    let deploys = deploys(env)?;
     println!("   {}", summary(&deploys.trace.tally));
     println!(
         "C: broken releases under baton, {} of each kind",
         plan.broken_each
     );
-    let broken = broken(env).await?;
+    let broken = broken(env)?;
     println!("   {}", summary(&broken.tally));
     println!(
         "D: throughput, app alone vs under baton, {} rounds",
         plan.rounds
     );
-    let throughput = throughput(env).await?;
+    let throughput = throughput(env)?;
     println!(
         "E: scale: {LISTENER_COUNTS:?} listeners, {} deploys each",
         plan.scale_deploys
     );
-    let scale = scale(env).await?;
+    let scale = scale(env)?;
     Ok(Measurements {
         baseline,
         deploys,
@@ -249,29 +260,29 @@ pub struct Baseline {
 
 /// The app binding its port itself, restarted the way `systemctl restart`
 /// does it: stop, wait for the exit, start.
-async fn baseline(env: &Env) -> Result<Baseline> {
+fn baseline(env: &Env) -> Result<Baseline> {
     let plan = &env.plan;
     let address = free_port()?;
-    let mut app = App::start(&env.hello, address, Some(1), BOOT_DELAY)?;
-    wait_answering(&mut app, address).await?;
+    let mut app = App::start(&env.binaries.hello, address, Some(1), BOOT_DELAY)?;
+    wait_answering(&mut app, address)?;
     // The timeline starts with the load; the first process already serves.
     let clock = Clock::start();
     let mut lives = vec![lifespan(1, 0.0, Some(0.0))];
-    let load = Load::start(address, plan.mix, clock.origin, plan.limit + LOAD_SLACK);
+    let load = Load::start(address, clock.origin, spec(plan, plan.limit));
     let deadline = Instant::now() + plan.limit;
     let (mut cycles, mut outages) = (Vec::new(), Vec::new());
     for restart in 1..=plan.restarts {
-        sleep(plan.spacing).await;
+        sleep(plan.spacing);
         if Instant::now() >= deadline {
             break;
         }
         let stopped = Instant::now();
-        app.terminate()?;
-        let exited = app.wait_exit(EXIT_LIMIT).await?;
+        app.terminate();
+        let exited = app.wait_exit(EXIT_LIMIT)?;
         let generation = restart as u64 + 1;
-        app = App::start(&env.hello, address, Some(generation), BOOT_DELAY)?;
+        app = App::start(&env.binaries.hello, address, Some(generation), BOOT_DELAY)?;
         let spawned = Instant::now();
-        let answering = wait_answering(&mut app, address).await?;
+        let answering = wait_answering(&mut app, address)?;
         if let Some(old) = lives.last_mut() {
             old.drain = Some(clock.since(stopped));
             old.exited = Some(clock.since(exited));
@@ -290,9 +301,9 @@ async fn baseline(env: &Env) -> Result<Baseline> {
             ms(answering - stopped)
         );
     }
-    sleep(plan.spacing).await;
+    sleep(plan.spacing);
     let end = clock.since(Instant::now());
-    let tally = load.stop().await?;
+    let tally = load.stop();
     let trace = Trace {
         tally,
         cycles,
@@ -326,10 +337,10 @@ fn free_port() -> Result<SocketAddr> {
 }
 
 /// Polls with GETs until the app answers one; when it did.
-async fn wait_answering(app: &mut App, address: SocketAddr) -> Result<Instant> {
+fn wait_answering(app: &mut App, address: SocketAddr) -> Result<Instant> {
     let deadline = Instant::now() + START_LIMIT;
     loop {
-        let answer = load::probe(address).await;
+        let answer = load::probe(address, PROBE_LIMIT);
         if answer.is_ok() {
             return Ok(Instant::now());
         }
@@ -339,7 +350,7 @@ async fn wait_answering(app: &mut App, address: SocketAddr) -> Result<Instant> {
                 "the example app did not answer on {address} within {START_LIMIT:?}: {answer:?}"
             )));
         }
-        sleep(Duration::from_millis(2)).await;
+        sleep(Duration::from_millis(2));
     }
 }
 
@@ -359,35 +370,35 @@ pub struct Deploys {
     pub after: Footprint,
 }
 
-async fn deploys(env: &Env) -> Result<Deploys> {
+fn deploys(env: &Env) -> Result<Deploys> {
     let plan = &env.plan;
-    let mut baton = Baton::start(&env.baton, &env.dir("deploys"), &env.setup(BOOT_DELAY)).await?;
-    let address = first_address(&mut baton).await?;
+    let baton = Baton::start_with(&env.setup(BOOT_DELAY), env.launch())?;
+    let address = first_address(&baton)?;
     let idle_started = Instant::now();
     let idle_before = cpu_time(baton.pid())?;
-    sleep(plan.idle).await;
+    sleep(plan.idle);
     let idle_cpu = cpu_time(baton.pid())?.saturating_sub(idle_before);
     let idle_for = idle_started.elapsed();
     let before = Footprint::of(baton.pid())?;
 
     let clock = Clock::start();
-    let load = Load::start(address, plan.mix, clock.origin, plan.limit + LOAD_SLACK);
+    let load = Load::start(address, clock.origin, spec(plan, plan.limit));
     let deadline = Instant::now() + plan.limit;
     let mut records = Vec::new();
     for n in 1..=plan.deploys {
-        sleep(plan.spacing).await;
+        sleep(plan.spacing);
         if Instant::now() >= deadline {
             break;
         }
-        let record = deploy(&mut baton).await?;
+        let record = deploy(&baton)?;
         if n % plan.print_every == 0 || n == plan.deploys {
             println!("   deploy {n}/{}: {}", plan.deploys, record.outcome);
         }
         records.push(record);
     }
-    sleep(plan.spacing).await;
+    sleep(plan.spacing);
     let end = clock.since(Instant::now());
-    let tally = load.stop().await?;
+    let tally = load.stop();
     let after = Footprint::of(baton.pid())?;
     let trace = Trace {
         tally,
@@ -406,8 +417,8 @@ async fn deploys(env: &Env) -> Result<Deploys> {
     })
 }
 
-async fn first_address(baton: &mut Baton) -> Result<SocketAddr> {
-    let addresses = baton.addresses().await?;
+fn first_address(baton: &Baton) -> Result<SocketAddr> {
+    let addresses = baton.addresses()?;
     addresses
         .first()
         .copied()
@@ -416,9 +427,9 @@ async fn first_address(baton: &mut Baton) -> Result<SocketAddr> {
 
 /// One `reload --wait`, followed until the generation that had to go has
 /// exited (baton reaps it: that is part of the deploy's CPU time).
-pub async fn deploy(baton: &mut Baton) -> Result<DeployRecord> {
+pub fn deploy(baton: &Baton) -> Result<DeployRecord> {
     let cpu_before = cpu_time(baton.pid())?;
-    let exchange = baton.reload().await?;
+    let exchange = baton.reload()?;
     let (generation, _) = exchange.started().ok_or_else(|| {
         Error::Bench(format!(
             "reload: no candidate started ({} replies)",
@@ -433,13 +444,9 @@ pub async fn deploy(baton: &mut Baton) -> Result<DeployRecord> {
     } else {
         Some(generation)
     };
-    let spawned = Some(
-        baton
-            .wait_mark(generation, Mark::Spawned, MARK_LIMIT)
-            .await?,
-    );
+    let spawned = Some(baton.wait_mark(generation, Mark::Spawned, MARK_LIMIT)?);
     let gone = match leaving {
-        Some(g) => Some(baton.wait_mark(g, Mark::Exited, EXIT_LIMIT).await?),
+        Some(g) => Some(baton.wait_mark(g, Mark::Exited, EXIT_LIMIT)?),
         None => None,
     };
     let cpu = cpu_time(baton.pid())?.saturating_sub(cpu_before);
@@ -461,8 +468,8 @@ pub async fn deploy(baton: &mut Baton) -> Result<DeployRecord> {
 fn lifespans(baton: &Baton, clock: &Clock) -> Vec<Lifespan> {
     let at = |g, mark| baton.mark(g, mark).map(|t| clock.wall(t));
     baton
-        .generations()
-        .into_iter()
+        .started_generations()
+        .into_keys()
         .filter_map(|g| {
             Some(Lifespan {
                 generation: g,
@@ -494,16 +501,13 @@ pub struct Release {
 
 /// Releases that crash before ready or never become ready, then a good one
 /// again, all under load.
-async fn broken(env: &Env) -> Result<Broken> {
+fn broken(env: &Env) -> Result<Broken> {
     let plan = &env.plan;
-    let good = Setup {
-        readiness_timeout: BROKEN_READINESS,
-        ..env.setup(BOOT_DELAY)
-    };
-    let mut baton = Baton::start(&env.baton, &env.dir("broken"), &good).await?;
-    let address = first_address(&mut baton).await?;
+    let good = env.setup(BOOT_DELAY).readiness_timeout(BROKEN_READINESS);
+    let baton = Baton::start_with(&good, env.launch())?;
+    let address = first_address(&baton)?;
     let clock = Clock::start();
-    let load = Load::start(address, plan.mix, clock.origin, plan.limit + LOAD_SLACK);
+    let load = Load::start(address, clock.origin, spec(plan, plan.limit));
     let deadline = Instant::now() + plan.limit;
     let kinds = [
         ("crash before ready", "crash"),
@@ -517,29 +521,26 @@ async fn broken(env: &Env) -> Result<Broken> {
         if Instant::now() >= deadline {
             break;
         }
-        let setup = Setup {
-            fail: Some(fail),
-            ..good.clone()
-        };
-        releases.push(release(&mut baton, name, &setup, plan.spacing).await?);
+        let setup = good.clone().env("HELLO_FAIL", fail);
+        releases.push(release(&baton, name, &setup, plan.spacing)?);
     }
-    releases.push(release(&mut baton, "good release after them", &good, plan.spacing).await?);
-    sleep(plan.spacing).await;
-    let tally = load.stop().await?;
+    releases.push(release(
+        &baton,
+        "good release after them",
+        &good,
+        plan.spacing,
+    )?);
+    sleep(plan.spacing);
+    let tally = load.stop();
     Ok(Broken { releases, tally })
 }
 
-async fn release(
-    baton: &mut Baton,
-    name: &'static str,
-    setup: &Setup,
-    spacing: Duration,
-) -> Result<Release> {
-    sleep(spacing).await;
+fn release(baton: &Baton, name: &'static str, setup: &Setup, spacing: Duration) -> Result<Release> {
+    sleep(spacing);
     baton.rewrite(setup)?;
-    let serving_before = baton.serving().await?;
-    let record = deploy(baton).await?;
-    let serving_after = baton.serving().await?;
+    let serving_before = baton.serving()?;
+    let record = deploy(baton)?;
+    let serving_after = baton.serving()?;
     println!("   {name}: {}", record.outcome);
     Ok(Release {
         name,
@@ -565,18 +566,13 @@ pub struct Throughput {
 
 /// Both run at once, idle when not measured; the load alternates between
 /// them (ABBA order) so drift on a noisy machine hits both alike.
-async fn throughput(env: &Env) -> Result<Throughput> {
+fn throughput(env: &Env) -> Result<Throughput> {
     let plan = &env.plan;
     let alone_address = free_port()?;
-    let mut app = App::start(&env.hello, alone_address, None, Duration::ZERO)?;
-    wait_answering(&mut app, alone_address).await?;
-    let mut baton = Baton::start(
-        &env.baton,
-        &env.dir("throughput"),
-        &env.setup(Duration::ZERO),
-    )
-    .await?;
-    let baton_address = first_address(&mut baton).await?;
+    let mut app = App::start(&env.binaries.hello, alone_address, None, Duration::ZERO)?;
+    wait_answering(&mut app, alone_address)?;
+    let baton = Baton::start_with(&env.setup(Duration::ZERO), env.launch())?;
+    let baton_address = first_address(&baton)?;
     let started = Instant::now();
     let cpu_before = cpu_time(baton.pid())?;
 
@@ -587,7 +583,7 @@ async fn throughput(env: &Env) -> Result<Throughput> {
         let mut rps = [0.0; 2];
         for side in order {
             let address = [alone_address, baton_address][side];
-            let tally = measure(address, plan.mix, plan.round).await?;
+            let tally = measure(address, plan, plan.round);
             rps[side] = tally.ok() as f64 / tally.elapsed.as_secs_f64();
             sides[side].merge(&tally);
             sides[side].elapsed += tally.elapsed;
@@ -611,10 +607,10 @@ async fn throughput(env: &Env) -> Result<Throughput> {
     })
 }
 
-async fn measure(address: SocketAddr, mix: load::Mix, over: Duration) -> Result<Tally> {
-    let load = Load::start(address, mix, Instant::now(), over + LOAD_SLACK);
-    sleep(over).await;
-    load.stop().await
+fn measure(address: SocketAddr, plan: &crate::Plan, over: Duration) -> Tally {
+    let load = Load::start(address, Instant::now(), spec(plan, over));
+    sleep(over);
+    load.stop()
 }
 
 // ---------------------------------------------------------------------------
@@ -635,32 +631,33 @@ pub struct Scale {
 
 /// baton with 1, 8 and 64 listeners, deploying without load: what grows
 /// with the number of sockets is baton's own work.
-async fn scale(env: &Env) -> Result<Vec<Scale>> {
+fn scale(env: &Env) -> Result<Vec<Scale>> {
     let plan = &env.plan;
     let mut runs = Vec::new();
     for listeners in LISTENER_COUNTS {
         let setup = Setup {
-            listeners,
+            listeners: (0..listeners)
+                .map(|i| Listen::new(&format!("l{i}"), "127.0.0.1:0"))
+                .collect(),
             ..env.setup(Duration::ZERO)
         };
-        let dir = env.dir(&format!("scale-{listeners}"));
-        let mut baton = Baton::start(&env.baton, &dir, &setup).await?;
+        let baton = Baton::start_with(&setup, env.launch())?;
         // Before any control connection, which holds an fd while it lasts.
         let start = Footprint::of(baton.pid())?;
-        let addresses = baton.addresses().await?;
+        let addresses = baton.addresses()?;
         let deadline = Instant::now() + plan.limit;
         let mut records = Vec::new();
         for _ in 0..plan.scale_deploys {
             if Instant::now() >= deadline {
                 break;
             }
-            sleep(Duration::from_millis(100)).await;
-            records.push(deploy(&mut baton).await?);
+            sleep(Duration::from_millis(100));
+            records.push(deploy(&baton)?);
         }
         let end = Footprint::of(baton.pid())?;
         let mut answering = 0;
         for &address in &addresses {
-            answering += usize::from(load::probe(address).await.is_ok());
+            answering += usize::from(load::probe(address, PROBE_LIMIT).is_ok());
         }
         println!(
             "   {listeners} listeners: {} deploys, {answering}/{} answering",
