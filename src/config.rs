@@ -22,39 +22,39 @@ pub const DEFAULT_PATH: &str = "/etc/baton/baton.toml";
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// The file this was read from.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// Listening sockets, in fd order (3, 4, ...).
-    pub listeners: Vec<Listener>,
-    pub app: App,
-    pub readiness: Readiness,
-    pub drain: Drain,
-    pub restart: Restart,
+    pub(crate) listeners: Vec<Listener>,
+    pub(crate) app: App,
+    pub(crate) readiness: Readiness,
+    pub(crate) drain: Drain,
+    pub(crate) restart: Restart,
     /// Path of the control socket (`baton reload`, `status`, `stop`).
-    pub control_socket: PathBuf,
+    pub(crate) control_socket: PathBuf,
     /// Members of this group may use the control socket too (mode 0660).
-    pub control_group: Option<Group>,
+    pub(crate) control_group: Option<Group>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Group {
-    pub name: String,
-    pub gid: u32,
+pub(crate) struct Group {
+    pub(crate) name: String,
+    pub(crate) gid: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Listener {
+pub(crate) struct Listener {
     /// Goes into `LISTEN_FDNAMES`; also the name matched when adopting
     /// sockets from systemd.
-    pub name: String,
-    pub address: Address,
+    pub(crate) name: String,
+    pub(crate) address: Address,
     /// `listen(2)` backlog for stream sockets.
-    pub backlog: i32,
+    pub(crate) backlog: i32,
     /// File mode of a unix socket, applied after bind.
-    pub mode: Option<u32>,
+    pub(crate) mode: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Address {
+pub(crate) enum Address {
     Tcp(SocketAddr),
     Udp(SocketAddr),
     Unix(PathBuf),
@@ -71,43 +71,43 @@ impl fmt::Display for Address {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct App {
+pub(crate) struct App {
     /// argv; `command[0]` is resolved on PATH at spawn time.
-    pub command: Vec<String>,
-    pub workdir: Option<PathBuf>,
+    pub(crate) command: Vec<String>,
+    pub(crate) workdir: Option<PathBuf>,
     /// Added to baton's own environment for every child.
-    pub env: BTreeMap<String, String>,
+    pub(crate) env: BTreeMap<String, String>,
     /// Run the children as this user (and group), not as baton's.
-    pub user: Option<Credentials>,
+    pub(crate) user: Option<Credentials>,
     /// The children's umask (`[app] umask`); baton's own otherwise.
-    pub umask: Option<u32>,
+    pub(crate) umask: Option<u32>,
     /// Resource limits set in each child (soft = hard = the value).
-    pub limits: Vec<Limit>,
+    pub(crate) limits: Vec<Limit>,
 }
 
 /// Who the children run as: looked up when the file is validated, so the
 /// child only makes raw syscalls (setgroups, setgid, setuid).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub name: String,
-    pub uid: u32,
-    pub gid: u32,
+pub(crate) struct Credentials {
+    pub(crate) name: String,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
     /// Supplementary groups, as initgroups(3) would set them.
-    pub groups: Vec<u32>,
-    pub home: PathBuf,
+    pub(crate) groups: Vec<u32>,
+    pub(crate) home: PathBuf,
 }
 
 /// One `[app] limits` entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limit {
-    pub resource: LimitResource,
+pub(crate) struct Limit {
+    pub(crate) resource: LimitResource,
     /// `None`: unlimited.
-    pub value: Option<u64>,
+    pub(crate) value: Option<u64>,
 }
 
 /// The resources `[app] limits` may set (setrlimit(2)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LimitResource {
+pub(crate) enum LimitResource {
     Nofile,
     Nproc,
     Core,
@@ -134,7 +134,7 @@ impl LimitResource {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReadinessCheck {
+pub(crate) enum ReadinessCheck {
     /// Ready when the child sends `READY=1` on `NOTIFY_SOCKET`.
     Notify,
     /// Ready once the child has been running this long.
@@ -142,23 +142,23 @@ pub enum ReadinessCheck {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Readiness {
-    pub check: ReadinessCheck,
+pub(crate) struct Readiness {
+    pub(crate) check: ReadinessCheck,
     /// A candidate not ready by then is stopped; the old generation keeps serving.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Drain {
-    pub signal: Signal,
+pub(crate) struct Drain {
+    pub(crate) signal: Signal,
     /// After this the generation's process group gets SIGKILL.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Restart {
-    pub backoff_initial: Duration,
-    pub backoff_max: Duration,
+pub(crate) struct Restart {
+    pub(crate) backoff_initial: Duration,
+    pub(crate) backoff_max: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -221,9 +221,24 @@ impl Config {
             .map_err(|Invalid { span, message }| at(Some(span), message))
     }
 
+    /// One line for `baton check`: what the file sets up.
+    pub fn summary(&self) -> String {
+        let user = self
+            .app
+            .user
+            .as_ref()
+            .map_or_else(String::new, |u| format!("; as user {}", u.name));
+        format!(
+            "{} listener(s); command: {}{user}; control socket: {}",
+            self.listeners.len(),
+            self.app.command.join(" "),
+            self.control_socket.display()
+        )
+    }
+
     /// True when `other` asks for different sockets than `self`. Changing
     /// listeners needs a restart of baton (for now).
-    pub fn listeners_differ(&self, other: &Config) -> bool {
+    pub(crate) fn listeners_differ(&self, other: &Config) -> bool {
         self.listeners != other.listeners
     }
 }
@@ -256,7 +271,7 @@ pub fn control_socket_of(path: &Path) -> PathBuf {
 /// `$RUNTIME_DIRECTORY/baton.sock` if set (systemd `RuntimeDirectory=`), else
 /// `/run/baton/<stem>.sock` as root, else `$XDG_RUNTIME_DIR/baton/<stem>.sock`
 /// (or `/tmp/baton-<uid>/<stem>.sock` without XDG_RUNTIME_DIR).
-pub fn default_control_socket(config_path: &Path) -> PathBuf {
+pub(crate) fn default_control_socket(config_path: &Path) -> PathBuf {
     if let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY").filter(|d| !d.is_empty()) {
         // systemd may list several directories separated by ':'.
         let first = dir
@@ -283,7 +298,7 @@ pub fn default_control_socket(config_path: &Path) -> PathBuf {
 }
 
 /// The notify socket lives beside the control socket: `x.sock` → `x.notify`.
-pub fn notify_socket_for(control_socket: &Path) -> PathBuf {
+pub(crate) fn notify_socket_for(control_socket: &Path) -> PathBuf {
     control_socket.with_extension("notify")
 }
 
@@ -666,7 +681,7 @@ fn absolute_path(raw: &Spanned<String>, what: &str) -> Result<PathBuf, Invalid> 
 /// future; a bound keeps every one of them representable (issue 8: a
 /// timeout of 2^63 s passed `check` and aborted the daemon at its first
 /// drain).
-pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 fn duration(raw: &RawDuration, default: Duration) -> Result<Duration, Invalid> {
     let Some(raw) = raw else { return Ok(default) };
@@ -864,7 +879,7 @@ impl RawDrain {
 }
 
 /// "SIGTERM", "TERM" and "sigterm" all name SIGTERM.
-pub fn parse_signal(name: &str) -> Option<Signal> {
+pub(crate) fn parse_signal(name: &str) -> Option<Signal> {
     let upper = name.to_ascii_uppercase();
     let full = if upper.starts_with("SIG") {
         upper

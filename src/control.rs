@@ -25,7 +25,7 @@ use crate::core::{Progress, Status};
 use crate::notice::{secs, Notice, Outcome};
 
 /// Longest request line the daemon reads.
-pub const MAX_REQUEST: usize = 64 * 1024;
+pub(crate) const MAX_REQUEST: usize = 64 * 1024;
 
 /// The protocol version this build speaks.
 pub const VERSION: u32 = 1;
@@ -44,7 +44,7 @@ fn version_one() -> u32 {
 }
 
 /// Parses one request line; the error says what a valid request looks like.
-pub fn parse_request(line: &str) -> Result<Request, String> {
+pub(crate) fn parse_request(line: &str) -> Result<Request, String> {
     let envelope: Envelope<Request> = serde_json::from_str(line).map_err(|e| {
         format!(
             "bad request ({e}); expected one JSON object per line, e.g. \
@@ -118,8 +118,9 @@ pub enum Reply {
     Notice(Notice),
 }
 
-impl From<Progress> for Reply {
-    fn from(p: Progress) -> Reply {
+impl Reply {
+    /// What a waiting client hears of its reload's progress.
+    pub(crate) fn progress(p: Progress) -> Reply {
         match p {
             Progress::Accepted => Reply::Accepted,
             Progress::Refused(message) => Reply::Error { message },
@@ -191,7 +192,11 @@ pub struct ListenerDoc {
 }
 
 impl StatusDoc {
-    pub fn new(status: Status, config: &Path, listeners: Vec<(String, String)>) -> StatusDoc {
+    pub(crate) fn new(
+        status: Status,
+        config: &Path,
+        listeners: Vec<(String, String)>,
+    ) -> StatusDoc {
         let ms = |d: Duration| d.as_millis() as u64;
         StatusDoc {
             pid: std::process::id(),

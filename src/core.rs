@@ -16,20 +16,20 @@ use nix::unistd::Pid;
 
 use crate::config::{Config, ReadinessCheck};
 use crate::notice::{Cause, Drained, Notice, Summary};
-pub use crate::notice::{ExitStatus, Failure, Outcome};
+pub(crate) use crate::notice::{ExitStatus, Failure, Outcome};
 use crate::sd_notify::{Message, Upstream};
 
 /// More draining generations than this and the oldest is killed at once, so
 /// fast repeated deploys cannot pile up old processes.
-pub const MAX_DRAINING: usize = 8;
+pub(crate) const MAX_DRAINING: usize = 8;
 
 /// Identifies a client waiting on a reload (`baton reload`).
-pub type WaiterId = u64;
+pub(crate) type WaiterId = u64;
 
 /// A client asking for a reload: it hears whether the reload was taken,
 /// and, when it `follows` it, every step of the deploy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Waiter {
+pub(crate) struct Waiter {
     pub id: WaiterId,
     /// `reload --wait`: stay until the deploy's outcome.
     pub follows: bool,
@@ -37,7 +37,7 @@ pub struct Waiter {
 
 /// Inputs to the core.
 #[derive(Debug)]
-pub enum Event {
+pub(crate) enum Event {
     /// Deploy the re-read config file (a SIGHUP, or `baton reload`), or
     /// `Err(why)` when it could not be read or is invalid. The core decides
     /// what follows either way (refusal, deploy, queue).
@@ -63,7 +63,7 @@ pub enum Event {
 
 /// Effects for the shell to carry out, in order.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Action {
+pub(crate) enum Action {
     Spawn {
         generation: u64,
         config: Arc<Config>,
@@ -99,7 +99,7 @@ const EXTEND_SLACK: Duration = Duration::from_secs(5);
 
 /// What a waiting client hears about its deploy.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Progress {
+pub(crate) enum Progress {
     /// A reload that does not wait: the file was valid and the deploy runs.
     /// Ends the exchange.
     Accepted,
@@ -125,7 +125,7 @@ pub enum Progress {
 
 impl Progress {
     /// Whether this is the last message of its exchange.
-    pub fn is_final(&self) -> bool {
+    pub(crate) fn is_final(&self) -> bool {
         matches!(
             self,
             Progress::Accepted | Progress::Refused(_) | Progress::Done(_)
@@ -221,13 +221,13 @@ enum Mode {
 
 /// The last deploy's outcome, for `baton status`.
 #[derive(Debug, Clone)]
-pub struct LastDeploy {
+pub(crate) struct LastDeploy {
     pub outcome: Outcome,
     pub finished: Instant,
     pub took: Duration,
 }
 
-pub struct Supervisor {
+pub(crate) struct Supervisor {
     current: Option<Generation>,
     candidate: Option<Candidate>,
     draining: Vec<Generation>,
@@ -262,7 +262,7 @@ struct DrainWatch {
 
 impl Supervisor {
     /// Starts supervising: spawns generation 1 at once.
-    pub fn new(config: Arc<Config>, now: Instant, seed: u64) -> (Supervisor, Vec<Action>) {
+    pub(crate) fn new(config: Arc<Config>, now: Instant, seed: u64) -> (Supervisor, Vec<Action>) {
         let mut s = Supervisor {
             current: None,
             candidate: None,
@@ -285,7 +285,7 @@ impl Supervisor {
     }
 
     /// The transition function.
-    pub fn handle(&mut self, event: Event, now: Instant) -> Vec<Action> {
+    pub(crate) fn handle(&mut self, event: Event, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
         match event {
             Event::Reload { config, waiter } => self.reload(config, waiter, now, &mut actions),
@@ -305,7 +305,7 @@ impl Supervisor {
     }
 
     /// The earliest instant at which `Event::Tick` has work to do.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         let candidate = self
             .candidate
             .as_ref()
@@ -899,7 +899,7 @@ impl Supervisor {
     }
 
     /// A snapshot for `baton status`.
-    pub fn status(&self, now: Instant) -> Status {
+    pub(crate) fn status(&self, now: Instant) -> Status {
         let generations = self
             .generations()
             .map(|g| {
@@ -962,7 +962,7 @@ fn kill(g: &mut Generation, now: Instant, actions: &mut Vec<Action>) {
 
 /// What `baton status` shows.
 #[derive(Debug, Clone)]
-pub struct Status {
+pub(crate) struct Status {
     pub generations: Vec<GenerationStatus>,
     pub deploying: bool,
     /// A reload is queued behind the running deploy.
@@ -974,7 +974,7 @@ pub struct Status {
 }
 
 #[derive(Debug, Clone)]
-pub struct GenerationStatus {
+pub(crate) struct GenerationStatus {
     pub generation: u64,
     pub pid: Option<i32>,
     pub state: &'static str,

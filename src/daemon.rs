@@ -602,7 +602,7 @@ impl Shell {
                 Action::Progress { waiter, progress } => {
                     let last = progress.is_final();
                     if let Some(reply) = self.waiters.get(&waiter) {
-                        let _ = reply.send(progress.into());
+                        let _ = reply.send(Reply::progress(progress));
                     }
                     if last {
                         self.waiters.remove(&waiter);

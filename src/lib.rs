@@ -26,25 +26,51 @@
 //! 6. The supervisor never sits in the data path: children accept from the
 //!    kernel directly.
 //!
-//! # Layout
+//! # Module map
 //!
-//! - [`config`]: the TOML file, validated into [`config::Config`].
-//! - [`core`]: the sans-IO state machine, `handle(Event, now) -> Vec<Action>`.
-//! - [`daemon`]: the IO shell that feeds it events and carries out actions.
-//! - [`spawn`]: starting a generation's process, with the sockets at fds 3..
-//! - `sys`: all the code the compiler cannot check: the child side of
-//!   fork/exec, and taking ownership of fds received over a socket.
-//! - [`sd_notify`]: the sd_notify messages, parsed and rendered (no IO).
-//! - [`sockets`], [`notify`], [`control`]: the sockets baton owns, the
-//!   sd_notify sockets, and the control protocol of the CLI.
+//! Dependencies point down this list; nothing below `daemon` does IO of
+//! its own except `sockets`, `notify`, `spawn` and `sys`, which the daemon
+//! drives.
+//!
+//! - `main.rs` (the `baton` binary): the CLI; prints errors once and maps
+//!   them to exit codes. Uses [`config`], [`control`] and [`daemon`].
+//! - [`daemon`]: the IO shell. One task on a current-thread runtime owns
+//!   the core and turns signals, child exits, notify datagrams, control
+//!   requests and deadlines into its events, and its actions into
+//!   syscalls. It logs [`notice`]s and streams them to `baton events`.
+//! - `core`: the sans-IO state machine, `handle(Event, now) -> Vec<Action>`:
+//!   every deploy decision, every message to systemd and to waiting
+//!   clients, every notice. No IO, no clock.
+//! - [`notice`]: what baton tells the world, as types ([`notice::Notice`],
+//!   outcomes, exit statuses); their serialized form is protocol.
+//! - [`config`]: the TOML file, parsed into raw serde types and validated
+//!   into [`config::Config`] (errors with file, line and column).
+//! - [`control`]: the control protocol (newline-delimited JSON) and the
+//!   CLI's client.
+//! - `sd_notify`: sd_notify messages, parsed and rendered (no IO).
+//! - `notify`: the notify socket children report on, and the client of
+//!   baton's own service manager.
+//! - `sockets`: the listeners baton owns: bound (socket2) or adopted from
+//!   systemd by name.
+//! - `spawn`: starting a generation's process (prepare, fork/exec, read the
+//!   exec report).
+//! - `sys`: every `unsafe` block: the child side of fork/exec, and taking
+//!   ownership of fds received over a socket.
+//!
+//! Outside this crate: `testkit/` (the harness and load generator shared by
+//! the integration tests in `tests/it/` and the benchmark) and `bench/`
+//! (`baton-bench`); both are `publish = false` workspace members, and
+//! neither is a dependency of the `baton` binary.
+
+#![warn(unreachable_pub)]
 
 pub mod config;
 pub mod control;
-pub mod core;
+mod core;
 pub mod daemon;
 pub mod notice;
-pub mod notify;
-pub mod sd_notify;
-pub mod sockets;
-pub mod spawn;
+mod notify;
+mod sd_notify;
+mod sockets;
+mod spawn;
 mod sys;

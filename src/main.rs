@@ -363,13 +363,7 @@ fn status(path: PathBuf, json: bool) -> u8 {
 fn check(path: PathBuf) -> u8 {
     match Config::load(&path) {
         Ok(c) => {
-            println!(
-                "{}: ok ({} listener(s); command: {}; control socket: {})",
-                path.display(),
-                c.listeners.len(),
-                c.app.command.join(" "),
-                c.control_socket.display()
-            );
+            println!("{}: ok ({})", path.display(), c.summary());
             OK
         }
         Err(e) => {

@@ -18,20 +18,20 @@ use crate::sd_notify::{render, Message, Upstream};
 /// Receiving with fds and credentials takes ownership of raw fds the kernel
 /// installed, so it lives in `sys`; the systemd integration test reads
 /// baton's own fd store with it.
-pub use crate::sys::{recv_with_fds, Received};
+pub(crate) use crate::sys::recv_with_fds;
 
 /// Datagrams are at most this long (systemd uses the same limit).
 const MAX_DATAGRAM: usize = 4096;
 
 /// The socket children send `READY=1` to. Every datagram carries the sender's
 /// pid, attached by the kernel (SO_PASSCRED), so it cannot be forged.
-pub struct NotifySocket {
+pub(crate) struct NotifySocket {
     socket: tokio::net::UnixDatagram,
 }
 
 impl NotifySocket {
     /// Binds a fresh socket at `path` (replacing a stale file), mode 0600.
-    pub fn bind(path: &Path) -> io::Result<NotifySocket> {
+    pub(crate) fn bind(path: &Path) -> io::Result<NotifySocket> {
         let socket = Socket::new(Domain::UNIX, Type::DGRAM.nonblocking(), None)?;
         socket.set_passcred(true)?;
         // The mode of the socket inode becomes the file's mode at bind.
@@ -49,7 +49,7 @@ impl NotifySocket {
 
     /// The next datagram and the pid that sent it. Datagrams without
     /// credentials cannot happen with SO_PASSCRED and are skipped.
-    pub async fn recv(&self) -> io::Result<(Pid, Message)> {
+    pub(crate) async fn recv(&self) -> io::Result<(Pid, Message)> {
         loop {
             self.socket.readable().await?;
             let fd = self.socket.as_fd();
@@ -75,7 +75,7 @@ fn receive(socket: BorrowedFd<'_>) -> io::Result<Option<(Pid, Message)>> {
 
 /// Reports to the service manager that started baton (systemd), when
 /// `NOTIFY_SOCKET` was set for baton itself.
-pub struct UpstreamNotifier {
+pub(crate) struct UpstreamNotifier {
     socket: UnixDatagram,
     addr: SocketAddr,
     /// The same address for `sendmsg` (fd passing).
@@ -85,7 +85,7 @@ pub struct UpstreamNotifier {
 impl UpstreamNotifier {
     /// Takes `NOTIFY_SOCKET` from baton's environment (a path, or `@name`
     /// for an abstract socket). `None` when unset or unusable.
-    pub fn from_env() -> Option<UpstreamNotifier> {
+    pub(crate) fn from_env() -> Option<UpstreamNotifier> {
         let value = std::env::var_os("NOTIFY_SOCKET")?;
         let value = value.to_string_lossy();
         let made = match value.strip_prefix('@') {
@@ -114,12 +114,12 @@ impl UpstreamNotifier {
         }
     }
 
-    pub fn send(&self, message: &Upstream) {
+    pub(crate) fn send(&self, message: &Upstream) {
         self.send_text(&render(message, std::process::id(), monotonic_usec()));
     }
 
     /// Sends one raw datagram (`WATCHDOG=1`, say).
-    pub fn send_text(&self, text: &str) {
+    pub(crate) fn send_text(&self, text: &str) {
         if let Err(e) = self.socket.send_to_addr(text.as_bytes(), &self.addr) {
             tracing::warn!("cannot notify the service manager ({text:?}): {e}");
         }
@@ -127,7 +127,7 @@ impl UpstreamNotifier {
 
     /// Hands `fd` to the service manager's fd store under `name`
     /// (`FDSTORE=1`), so it comes back in LISTEN_FDS if baton restarts.
-    pub fn store_fd(&self, name: &str, fd: BorrowedFd<'_>) -> io::Result<()> {
+    pub(crate) fn store_fd(&self, name: &str, fd: BorrowedFd<'_>) -> io::Result<()> {
         let text = format!("FDSTORE=1\nFDNAME={name}");
         let fds = [fd.as_raw_fd()];
         socket::sendmsg(
@@ -143,7 +143,7 @@ impl UpstreamNotifier {
 
 /// The watchdog interval systemd asks for (`WATCHDOG_USEC`), when it is
 /// meant for this process (`WATCHDOG_PID` unset or ours).
-pub fn watchdog_from_env() -> Option<std::time::Duration> {
+pub(crate) fn watchdog_from_env() -> Option<std::time::Duration> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
     let for_us = match std::env::var("WATCHDOG_PID") {
         Ok(pid) => pid.parse::<u32>().ok() == Some(std::process::id()),

@@ -9,7 +9,7 @@ use std::time::Duration;
 /// The fields of one notify datagram that baton acts on. Unknown keys are
 /// ignored, as systemd does.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Message {
+pub(crate) struct Message {
     pub ready: bool,
     pub stopping: bool,
     pub status: Option<String>,
@@ -19,7 +19,7 @@ pub struct Message {
 
 impl Message {
     /// Parses newline-separated `KEY=VALUE` assignments.
-    pub fn parse(datagram: &[u8]) -> Message {
+    pub(crate) fn parse(datagram: &[u8]) -> Message {
         let text = String::from_utf8_lossy(datagram);
         let mut m = Message::default();
         for line in text.split('\n') {
@@ -37,7 +37,7 @@ impl Message {
 
 /// Messages for the service manager that started baton (sd_notify).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Upstream {
+pub(crate) enum Upstream {
     /// The first generation is serving: `READY=1` + `MAINPID`.
     Ready {
         status: String,
@@ -57,7 +57,7 @@ pub enum Upstream {
 
 /// The datagram for `message`. `RELOADING=1` without `MONOTONIC_USEC` is
 /// ignored by systemd ≥ 253, so it always carries one.
-pub fn render(message: &Upstream, mainpid: u32, monotonic_usec: u64) -> String {
+pub(crate) fn render(message: &Upstream, mainpid: u32, monotonic_usec: u64) -> String {
     match message {
         Upstream::Ready { status } => format!("READY=1\nMAINPID={mainpid}\nSTATUS={status}"),
         Upstream::Reloading => format!("RELOADING=1\nMONOTONIC_USEC={monotonic_usec}"),

@@ -29,7 +29,7 @@ pub enum SocketError {
 }
 
 /// The sockets, in config order (fd 3, 4, ... in every child).
-pub struct Listeners {
+pub(crate) struct Listeners {
     sockets: Vec<(Listener, Socket)>,
     /// For each socket, the fd systemd passed it on, if it was adopted.
     adopted_fds: Vec<Option<i32>>,
@@ -42,7 +42,7 @@ pub struct Listeners {
 impl Listeners {
     /// Adopts the sockets systemd passed (socket activation, or its fd store)
     /// when `LISTEN_FDS` is set for baton, else binds every listener.
-    pub fn open(config: &Config) -> Result<Listeners, SocketError> {
+    pub(crate) fn open(config: &Config) -> Result<Listeners, SocketError> {
         // Read before ListenFd, which removes LISTEN_FDS and LISTEN_PID.
         let names = std::env::var("LISTEN_FDNAMES").ok();
         let mut inherited = ListenFd::from_env();
@@ -72,28 +72,28 @@ impl Listeners {
         Ok(listeners)
     }
 
-    pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
+    pub(crate) fn fds(&self) -> Vec<BorrowedFd<'_>> {
         self.sockets.iter().map(|(_, s)| s.as_fd()).collect()
     }
 
     /// `LISTEN_FDNAMES`: the names joined with ':'.
-    pub fn names(&self) -> String {
+    pub(crate) fn names(&self) -> String {
         let names: Vec<&str> = self.sockets.iter().map(|(l, _)| l.name.as_str()).collect();
         names.join(":")
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.sockets.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.sockets.is_empty()
     }
 
     /// Name, address and (when adopted from systemd) the fd it came on, of
     /// each listener; for IP sockets the address the kernel bound, so a
     /// configured port 0 shows the port it got.
-    pub fn describe(&self) -> Vec<(String, String, Option<i32>)> {
+    pub(crate) fn describe(&self) -> Vec<(String, String, Option<i32>)> {
         self.sockets
             .iter()
             .zip(&self.adopted_fds)
@@ -113,7 +113,7 @@ impl Listeners {
     /// for every process (SO_ACCEPTCONN drops to 0). Listens again on each
     /// such socket; returns their names and addresses, and the error if
     /// listening again failed.
-    pub fn relisten_if_shut_down(&self) -> Vec<(String, String, Option<String>)> {
+    pub(crate) fn relisten_if_shut_down(&self) -> Vec<(String, String, Option<String>)> {
         let mut restored = Vec::new();
         for ((l, s), bound) in self.sockets.iter().zip(&self.bound) {
             if matches!(l.address, Address::Udp(_)) {
@@ -130,7 +130,7 @@ impl Listeners {
     /// Pushes every listener into systemd's fd store under its name; they
     /// come back through LISTEN_FDS (by name) if baton is restarted.
     /// systemd ignores an fd it already stores, so re-pushing is harmless.
-    pub fn store_in(&self, upstream: &crate::notify::UpstreamNotifier) {
+    pub(crate) fn store_in(&self, upstream: &crate::notify::UpstreamNotifier) {
         for (l, s) in &self.sockets {
             match upstream.store_fd(&l.name, s.as_fd()) {
                 Ok(()) => tracing::info!("listener `{}` handed to systemd's fd store", l.name),
@@ -140,7 +140,7 @@ impl Listeners {
     }
 
     /// Removes the unix socket files baton bound (not adopted ones).
-    pub fn remove_files(&self) {
+    pub(crate) fn remove_files(&self) {
         for path in &self.created_files {
             let _ = std::fs::remove_file(path);
         }
@@ -217,7 +217,7 @@ fn bind(l: &Listener) -> io::Result<Socket> {
 /// Binds a unix stream socket at `path` with file mode `mode`. A socket file
 /// nobody listens on (left by a dead process) is replaced; a live one is an
 /// error, as is any other kind of file.
-pub fn bind_unix(path: &Path, mode: u32) -> io::Result<Socket> {
+pub(crate) fn bind_unix(path: &Path, mode: u32) -> io::Result<Socket> {
     remove_stale(path)?;
     let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
     socket.bind(&SockAddr::unix(path)?)?;

@@ -26,7 +26,7 @@ use crate::config::Credentials;
 use crate::sys::{self, Stage};
 
 /// What to start.
-pub struct Command<'a> {
+pub(crate) struct Command<'a> {
     /// argv; `argv[0]` is looked up on the `PATH` of `env` unless it has a `/`.
     pub argv: &'a [String],
     /// The child's whole environment, without `LISTEN_PID` (set here).
@@ -44,10 +44,10 @@ pub struct Command<'a> {
 }
 
 /// A resource of setrlimit(2), for [`Command::limits`].
-pub use nix::sys::resource::Resource;
+pub(crate) use nix::sys::resource::Resource;
 
 #[derive(Debug, thiserror::Error)]
-pub enum SpawnError {
+pub(crate) enum SpawnError {
     #[error("exec failed: ENOENT: program `{0}` not found on PATH")]
     NotFound(String),
     #[error("exec failed: {errno} (program `{program}`){}", exec_hint(*errno))]
@@ -91,7 +91,7 @@ fn exec_hint(errno: Errno) -> &'static str {
 ///
 /// Three steps: `prepare` all the child needs, `sys::fork_exec`, and
 /// `read_exec_report`.
-pub fn spawn(cmd: &Command) -> Result<Pid, SpawnError> {
+pub(crate) fn spawn(cmd: &Command) -> Result<Pid, SpawnError> {
     let mut prepared = prepare(cmd)?;
     // CLOEXEC: a successful exec closes the child's write end, and the
     // report reader sees EOF.
@@ -253,7 +253,7 @@ fn cstring(bytes: &[u8]) -> Result<CString, SpawnError> {
 
 /// Finds `name` as execvp would: as given if it has a `/` (relative to the
 /// working directory the child will have), else in each `PATH` directory.
-pub fn resolve(name: &str, path_var: Option<&OsStr>) -> Option<PathBuf> {
+pub(crate) fn resolve(name: &str, path_var: Option<&OsStr>) -> Option<PathBuf> {
     if name.contains('/') {
         // Let execve itself report a missing file: its errno says more.
         return Some(PathBuf::from(name));

@@ -19,7 +19,7 @@ use nix::unistd::Pid;
 
 /// What `execve` gets: the program's path, and argv and envp as
 /// NULL-terminated arrays of pointers into C strings this struct owns.
-pub struct ExecImage {
+pub(crate) struct ExecImage {
     program: CString,
     /// Owned here so the pointers below stay valid; a `CString`'s bytes do
     /// not move when the `Vec` holding it does.
@@ -37,7 +37,7 @@ const LISTEN_PID: &[u8] = b"LISTEN_PID=";
 impl ExecImage {
     /// `env` holds `KEY=VALUE` entries. With `listen_pid`, envp ends with one
     /// more entry, `LISTEN_PID=<the child's pid>`.
-    pub fn new(
+    pub(crate) fn new(
         program: CString,
         argv: Vec<CString>,
         env: Vec<CString>,
@@ -106,7 +106,7 @@ fn write_decimal(mut n: u32, out: &mut [u8]) {
 }
 
 /// The fds and directory the child sets up between fork and exec.
-pub struct ChildSetup<'a> {
+pub(crate) struct ChildSetup<'a> {
     /// Become fds 3, 4, ... in the child, without CLOEXEC. Borrowed: the
     /// caller keeps ownership and they stay open in baton.
     pub listeners: &'a [BorrowedFd<'a>],
@@ -129,7 +129,7 @@ pub struct ChildSetup<'a> {
 
 /// The identity a child takes before exec (all looked up before fork).
 #[derive(Clone, Copy)]
-pub struct ChildUser<'a> {
+pub(crate) struct ChildUser<'a> {
     pub uid: libc::uid_t,
     pub gid: libc::gid_t,
     pub groups: &'a [libc::gid_t],
@@ -138,7 +138,7 @@ pub struct ChildUser<'a> {
 /// Where the child failed before exec, in its report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
-pub enum Stage {
+pub(crate) enum Stage {
     Setpgid = 1,
     /// Placing /dev/null at fd 0 or the listeners at fds 3..
     Dup = 2,
@@ -155,7 +155,7 @@ pub enum Stage {
 /// Length of the one record the child writes on the exec-report pipe when
 /// it fails before exec: the [`Stage`] as a native-endian `u32`, then errno
 /// as a native-endian `i32`. EOF without a record means exec succeeded.
-pub const REPORT_LEN: usize = 8;
+pub(crate) const REPORT_LEN: usize = 8;
 
 fn encode_report(stage: Stage, errno: i32) -> [u8; REPORT_LEN] {
     let mut record = [0u8; REPORT_LEN];
@@ -166,7 +166,7 @@ fn encode_report(stage: Stage, errno: i32) -> [u8; REPORT_LEN] {
 
 /// Reads a record written by the child. A stage number the child never
 /// writes counts as [`Stage::Dup`], as it always has.
-pub fn decode_report(record: [u8; REPORT_LEN]) -> (Stage, Errno) {
+pub(crate) fn decode_report(record: [u8; REPORT_LEN]) -> (Stage, Errno) {
     let [s0, s1, s2, s3, e0, e1, e2, e3] = record;
     let stage = match u32::from_ne_bytes([s0, s1, s2, s3]) {
         1 => Stage::Setpgid,
@@ -182,7 +182,7 @@ pub fn decode_report(record: [u8; REPORT_LEN]) -> (Stage, Errno) {
 
 /// Why [`fork_exec`] left no child behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ForkError {
+pub(crate) enum ForkError {
     /// `pthread_sigmask` failed to block signals before fork.
     BlockSignals(Errno),
     /// `fork` failed.
@@ -207,7 +207,7 @@ const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
 /// The child leads its own process group. Signals are blocked in baton
 /// across fork and restored after; the child keeps them blocked until it
 /// has reset every disposition to the default, then empties its mask.
-pub fn fork_exec(image: &mut ExecImage, setup: &ChildSetup<'_>) -> Result<Pid, ForkError> {
+pub(crate) fn fork_exec(image: &mut ExecImage, setup: &ChildSetup<'_>) -> Result<Pid, ForkError> {
     // All the child writes to besides `image` is allocated here, before fork.
     let mut scratch: Vec<RawFd> = vec![-1; setup.listeners.len()];
     let empty_mask = SigSet::empty();
@@ -379,7 +379,7 @@ unsafe fn exec_child(
 }
 
 /// One datagram received with [`recv_with_fds`].
-pub struct Received {
+pub(crate) struct Received {
     pub len: usize,
     /// The sender's pid, when the socket has SO_PASSCRED.
     pub pid: Option<Pid>,
@@ -392,7 +392,7 @@ pub struct Received {
 ///
 /// fd contract: `socket` is borrowed. Attached fds arrive CLOEXEC
 /// (MSG_CMSG_CLOEXEC) and are returned as `OwnedFd`s, so none can leak.
-pub fn recv_with_fds(socket: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
+pub(crate) fn recv_with_fds(socket: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixCredentials};
     let mut iov = [io::IoSliceMut::new(buf)];
     // Room for the kernel's maximum of 253 fds per message (SCM_MAX_FD): a
