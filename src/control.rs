@@ -114,6 +114,8 @@ pub enum Reply {
     Error {
         message: String,
     },
+    /// An `events` request is registered: every notice from now on follows.
+    Following,
     /// Something happened (`events` requests).
     Notice(Notice),
 }

@@ -140,6 +140,7 @@ pub fn run(config_path: &Path, options: Options) -> Result<i32, DaemonError> {
             control_group: config.control_group.as_ref().map(|g| g.gid),
             listeners,
             notify_path: notify_path.clone(),
+            notify,
             upstream,
             watchdog,
             base_env,
@@ -153,7 +154,7 @@ pub fn run(config_path: &Path, options: Options) -> Result<i32, DaemonError> {
             json_notices: options.json_notices,
             exit: None,
         };
-        let code = shell.run(config.clone(), control, notify).await;
+        let code = shell.run(config.clone(), control).await;
         shell.listeners.remove_files();
         let _ = std::fs::remove_file(&control_path);
         let _ = std::fs::remove_file(&notify_path);
@@ -306,6 +307,8 @@ struct Shell {
     control_group: Option<u32>,
     listeners: Listeners,
     notify_path: PathBuf,
+    /// Re-created when its file disappears (a /tmp cleaner), before a spawn.
+    notify: NotifySocket,
     upstream: Option<UpstreamNotifier>,
     /// systemd's watchdog interval; pinged at half of it from the loop, so
     /// a wedged loop is noticed.
@@ -329,12 +332,7 @@ struct Shell {
 }
 
 impl Shell {
-    async fn run(
-        &mut self,
-        config: Arc<Config>,
-        control: UnixListener,
-        notify: NotifySocket,
-    ) -> i32 {
+    async fn run(&mut self, config: Arc<Config>, control: UnixListener) -> i32 {
         // Handlers first: a child may exit, or systemd may send SIGHUP, as
         // soon as the first generation is started.
         let install = |kind| signal(kind).expect("installing a signal handler");
@@ -385,7 +383,7 @@ impl Shell {
                 _ = sigterm.recv() => self.event(Event::Stop { fast: false }),
                 _ = sigint.recv() => self.event(Event::Stop { fast: false }),
                 _ = sigquit.recv() => self.event(Event::Stop { fast: true }),
-                received = notify.recv() => match received {
+                received = self.notify.recv() => match received {
                     Ok((pid, message)) => self.event(Event::Notify { pid, message }),
                     Err(e) => tracing::warn!("notify socket: {e}"),
                 },
@@ -500,6 +498,31 @@ impl Shell {
         tokio::spawn(refuse_connection(stream, denied.to_owned()));
     }
 
+    /// Binds the notify socket again if its file is gone or replaced (a
+    /// /tmp cleaner): a child would otherwise never reach it, and fail its
+    /// readiness deadline.
+    fn ensure_notify_socket(&mut self) {
+        use std::os::unix::fs::FileTypeExt;
+        let present =
+            std::fs::symlink_metadata(&self.notify_path).is_ok_and(|m| m.file_type().is_socket());
+        if present {
+            return;
+        }
+        match NotifySocket::bind(&self.notify_path) {
+            Ok(socket) => {
+                self.notify = socket;
+                tracing::warn!(
+                    "notify socket {} was gone (removed by a cleaner?): made it again",
+                    self.notify_path.display()
+                );
+            }
+            Err(e) => tracing::error!(
+                "notify socket {} is gone and cannot be made again: {e}",
+                self.notify_path.display()
+            ),
+        }
+    }
+
     /// Listens again on any listener a child has shut down.
     fn check_listeners(&mut self) {
         let restored = self.listeners.relisten_if_shut_down();
@@ -553,7 +576,11 @@ impl Shell {
                 self.stop_waiters.push(reply);
                 self.event(Event::Stop { fast: false });
             }
-            Request::Events => self.subscribers.push(reply),
+            Request::Events => {
+                if reply.send(Reply::Following).is_ok() {
+                    self.subscribers.push(reply);
+                }
+            }
         }
     }
 
@@ -619,7 +646,8 @@ impl Shell {
         }
     }
 
-    fn spawn(&self, generation: u64, config: &Config) -> Result<Pid, spawn::SpawnError> {
+    fn spawn(&mut self, generation: u64, config: &Config) -> Result<Pid, spawn::SpawnError> {
+        self.ensure_notify_socket();
         let env = child_env(
             &self.base_env,
             config,

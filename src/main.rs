@@ -319,7 +319,7 @@ fn reload(path: PathBuf, wait: bool, timeout: Option<Duration>) -> u8 {
                 eprintln!("baton: {message}");
                 return FAILED;
             }
-            Reply::Status(_) | Reply::Stopping | Reply::Notice(_) => {}
+            Reply::Status(_) | Reply::Stopping | Reply::Notice(_) | Reply::Following => {}
         }
     }
 }
@@ -403,6 +403,8 @@ fn events(path: PathBuf, json: bool) -> u8 {
     };
     loop {
         let line = match client.receive() {
+            Ok(Some(Reply::Following)) if json => continue,
+            Ok(Some(Reply::Following)) => "following baton's events (Ctrl-C to stop)".to_owned(),
             Ok(Some(Reply::Notice(notice))) if json => notice.to_json(),
             Ok(Some(Reply::Notice(notice))) => notice.to_string(),
             Ok(Some(Reply::Error { message })) => {

@@ -122,7 +122,7 @@ struct Prepared {
     workdir: Option<CString>,
     /// Becomes the child's stdin.
     devnull: File,
-    limits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
+    limits: Vec<(sys::RlimitResource, libc::rlimit)>,
     max_fd: RawFd,
 }
 
@@ -164,7 +164,7 @@ fn prepare(cmd: &Command) -> Result<Prepared, SpawnError> {
                 rlim_cur: infinity(soft),
                 rlim_max: infinity(hard),
             };
-            (resource as libc::__rlimit_resource_t, limit)
+            (resource as sys::RlimitResource, limit)
         })
         .collect();
     Ok(Prepared {

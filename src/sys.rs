@@ -118,7 +118,7 @@ pub(crate) struct ChildSetup<'a> {
     pub report: BorrowedFd<'a>,
     pub workdir: Option<&'a CStr>,
     /// setrlimit(2) calls, in order: (resource, soft and hard limit).
-    pub limits: &'a [(libc::__rlimit_resource_t, libc::rlimit)],
+    pub limits: &'a [(RlimitResource, libc::rlimit)],
     pub umask: Option<libc::mode_t>,
     /// Become this user: supplementary groups, then gid, then uid.
     pub user: Option<ChildUser<'a>>,
@@ -126,6 +126,13 @@ pub(crate) struct ChildSetup<'a> {
     /// that marks fds CLOEXEC one by one.
     pub max_fd: RawFd,
 }
+
+/// setrlimit(2)'s resource argument: glibc declares an enum type, musl an
+/// int.
+#[cfg(target_env = "gnu")]
+pub(crate) type RlimitResource = libc::__rlimit_resource_t;
+#[cfg(not(target_env = "gnu"))]
+pub(crate) type RlimitResource = libc::c_int;
 
 /// The identity a child takes before exec (all looked up before fork).
 #[derive(Clone, Copy)]

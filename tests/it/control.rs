@@ -170,3 +170,68 @@ fn slow_client_does_not_block_the_daemon() {
     slow.read_to_string(&mut reply).unwrap();
     assert!(reply.contains("\"generation\":2"), "{reply}");
 }
+
+/// `baton events` (issue 7): every notice, typed, for as long as baton
+/// runs; the CLI prints the log's lines, the protocol carries the types.
+#[test]
+fn events_stream_every_notice_until_baton_exits() {
+    const WAIT: Duration = Duration::from_secs(10);
+    let baton = start(&setup());
+    let mut human = baton.cli_start(&["events"]);
+    human.wait_line("following baton's events", WAIT).unwrap();
+    let mut stream = UnixStream::connect(baton.control()).unwrap();
+    stream
+        .write_all(b"{\"v\":1,\"command\":\"events\"}\n")
+        .unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut replies = BufReader::new(stream).lines();
+    let mut next = || -> baton::control::Reply {
+        let line = replies.next().expect("a reply line").unwrap();
+        serde_json::from_str(&line).unwrap()
+    };
+    assert_eq!(next(), baton::control::Reply::Following);
+
+    let (code, _, stderr) = baton.reload_wait();
+    assert_eq!(code, 0, "{stderr}");
+    let mut notices = Vec::new();
+    loop {
+        match next() {
+            baton::control::Reply::Notice(n) => {
+                let last = matches!(&n, Notice::DeploySummary(s) if s.generation == 2);
+                notices.push(n);
+                if last {
+                    break;
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // The deploy's own steps, in order. What the app says (STATUS=,
+    // STOPPING=1) interleaves with them as its datagrams and its exit race.
+    let kinds: Vec<String> = notices
+        .iter()
+        .map(|n| n.to_json().split('"').nth(3).unwrap_or("").to_owned())
+        .filter(|k| !k.starts_with("app_") && k != "foreign_notify")
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "starting",
+            "started",
+            "ready",
+            "draining",
+            "deploy_finished",
+            "exited",
+            "deploy_summary"
+        ]
+    );
+    human
+        .wait_line("deploy summary: generation 2 ok", WAIT)
+        .unwrap();
+
+    // The stream ends when baton does; the CLI then exits 0.
+    let out = baton.cli(&["stop"]);
+    assert!(out.status.success());
+    let (code, _, stderr) = human.finish(WAIT).unwrap();
+    assert_eq!(code, 0, "{stderr}");
+}

@@ -369,3 +369,18 @@ fn baton_raises_its_fd_limit_children_keep_the_original() {
     assert_eq!(proc_limit(baton.pid(), "Max open files"), "4096 4096");
     assert_eq!(proc_limit(child, "Max open files"), "512 4096");
 }
+
+/// Defect 7: a notify socket deleted by a /tmp cleaner was never made
+/// again: every later candidate failed its readiness deadline.
+#[test]
+fn notify_socket_removed_by_a_cleaner_is_made_again() {
+    let quick = setup().readiness_timeout(Duration::from_secs(5));
+    let mut baton = start(&quick);
+    let notify = baton.dir().join("baton.notify");
+    std::fs::remove_file(&notify).unwrap();
+    let (code, _, stderr) = baton.reload_wait();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(notify.exists());
+    baton.wait_drained(1).unwrap();
+    assert_eq!(get_generation(baton.port()), 2);
+}
