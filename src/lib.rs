@@ -70,6 +70,8 @@ mod core;
 pub mod daemon;
 pub mod notice;
 mod notify;
+#[cfg(test)]
+mod properties;
 mod sd_notify;
 mod sockets;
 mod spawn;
