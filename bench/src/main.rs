@@ -46,6 +46,7 @@
 mod plot;
 mod report;
 mod scenarios;
+mod soak;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -66,6 +67,10 @@ struct Args {
     /// Directory for report.md and timeline.svg (created if missing).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
+    /// Only a soak: N deploys back to back under load, with baton's fds,
+    /// memory, children and zombies before and after (DIR/soak.md).
+    #[arg(long, value_name = "N", conflicts_with = "quick")]
+    soak: Option<usize>,
 }
 
 /// How much of everything: the only difference between the two modes.
@@ -219,6 +224,15 @@ fn bench(args: &Args) -> Result<()> {
         scratch: scratch.0.clone(),
         plan,
     };
+    if let Some(n) = args.soak {
+        let soaked = soak::run(&env, n);
+        baton_testkit::kill_started();
+        let path = args.out.join("soak.md");
+        std::fs::write(&path, soaked?.render(&command_line()))
+            .context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote {}", path.display());
+        return Ok(());
+    }
     let machine = report::Machine::describe(&env.binaries.baton);
     let (started, clock) = (SystemTime::now(), Instant::now());
     println!(
