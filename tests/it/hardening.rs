@@ -34,6 +34,23 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// A `baton run` started outside the harness: on drop it gets SIGQUIT (a
+/// fast stop that kills its generations, which SIGKILL to baton alone would
+/// orphan) and is waited for; SIGKILL if it has not exited within 10 s.
+struct StopOnDrop(std::process::Child);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let pid = Pid::from_raw(self.0.id() as i32);
+        let _ = kill(pid, Signal::SIGQUIT);
+        let exited = eventually(WAIT, || self.0.try_wait().is_ok_and(|s| s.is_some()));
+        if !exited {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// The pid a child wrote to `path` (there is no event for a file's content).
 fn read_pid(path: &Path) -> i32 {
     let mut pid = 0;
@@ -268,13 +285,14 @@ fn cli_refuses_a_daemon_of_another_user() {
         ]);
         c
     };
-    let mut fake = as_user(4243)
+    let fake = as_user(4243)
         .args([BATON, "run", "-c"])
         .arg(&config)
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let _guard = KillOnDrop(fake.id() as i32);
+    let fake = StopOnDrop(fake);
     let socket = theirs.join("baton.sock");
     assert!(eventually(WAIT, || socket.exists()));
     // Their directory, their socket, open to anyone: a planted daemon.
@@ -285,8 +303,7 @@ fn cli_refuses_a_daemon_of_another_user() {
         .arg(&config)
         .output()
         .unwrap();
-    let _ = fake.kill();
-    let _ = fake.wait();
+    drop(fake);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("served by uid 4243"), "{stderr}");
