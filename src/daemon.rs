@@ -53,6 +53,9 @@ pub enum DaemonError {
 /// How often the listeners are checked for a child's `shutdown()`.
 const LISTENER_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Ended generations whose escapees the sweep still looks for.
+const ENDED_KEPT: usize = 64;
+
 /// How long the control socket stops accepting after accept() failed.
 const ACCEPT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(50);
 const ACCEPT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(1);
@@ -148,6 +151,7 @@ pub fn run(config_path: &Path, options: Options) -> Result<i32, DaemonError> {
             next_waiter: 1,
             stop_waiters: Vec::new(),
             subscribers: Vec::new(),
+            ended: std::collections::VecDeque::new(),
             nofile,
             connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_CONNECTIONS)),
             throttle: Throttle::default(),
@@ -172,15 +176,7 @@ fn bind_control(config: &Config) -> Result<std::os::unix::net::UnixListener, Dae
         source,
     };
     if let Some(dir) = path.parent() {
-        // Others may pass through (members of [control] group to the
-        // control socket, the children's user to the notify socket: each
-        // socket's own mode decides), not list or write.
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o711)
-            .create(dir)
-            .map_err(err)?;
-        safe_directory(dir).map_err(err)?;
+        socket_directory(dir).map_err(err)?;
     }
     let mode = if config.control_group.is_some() {
         0o660
@@ -235,15 +231,30 @@ fn raise_nofile() -> Option<(u64, u64)> {
     Some((soft, hard))
 }
 
+/// Makes the directory of baton's sockets if missing and checks it.
+/// Others may pass through (members of [control] group to the control
+/// socket, the children's user to the notify socket: each socket's own mode
+/// decides), not list or write.
+fn socket_directory(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(dir)?;
+    safe_directory(dir)
+}
+
 /// Refuses a directory for baton's sockets that another user could have
 /// made or can write: they could replace the sockets with their own
 /// (issue 8: another user created `/tmp/baton-<uid>` 0777 first and
 /// answered `reload --wait` with a fake success).
 fn safe_directory(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(dir)?;
+    // Not followed: a symlink another user planted could be re-pointed.
+    let meta = std::fs::symlink_metadata(dir)?;
     let me = nix::unistd::geteuid().as_raw();
-    let problem = if meta.uid() != me && meta.uid() != 0 {
+    let problem = if meta.file_type().is_symlink() {
+        Some("is a symlink".to_owned())
+    } else if meta.uid() != me && meta.uid() != 0 {
         Some(format!(
             "is owned by uid {}, not by baton's uid {me} or root",
             meta.uid()
@@ -320,6 +331,9 @@ struct Shell {
     stop_waiters: Vec<mpsc::UnboundedSender<Reply>>,
     /// `baton events` clients: every notice from now on.
     subscribers: Vec<mpsc::UnboundedSender<Reply>>,
+    /// The latest generations whose main process has exited, for the
+    /// escapee sweep.
+    ended: std::collections::VecDeque<u64>,
     /// RLIMIT_NOFILE as baton found it (soft, hard), for the children.
     nofile: Option<(u64, u64)>,
     /// Permits for control connections being served.
@@ -413,7 +427,13 @@ impl Shell {
                     self.reap();
                     self.event(Event::Tick);
                 }
-                _ = listener_check.tick() => self.check_listeners(),
+                _ = listener_check.tick() => {
+                    self.check_listeners();
+                    // A process that left an ended generation's group is
+                    // adopted by baton only when its own parent dies.
+                    let ended: Vec<u64> = self.ended.iter().copied().collect();
+                    self.kill_escapees(&ended, Pid::from_raw(0));
+                }
                 _ = async { watchdog.as_mut().expect("checked").tick().await }, if watchdog.is_some() => {
                     if let Some(upstream) = &self.upstream {
                         upstream.send_text("WATCHDOG=1");
@@ -498,6 +518,21 @@ impl Shell {
         tokio::spawn(refuse_connection(stream, denied.to_owned()));
     }
 
+    /// Kills baton's adopted children that carry the `BATON_GENERATION` of
+    /// one of `generations`, except `leader` (a generation's own process,
+    /// killed by its own rule).
+    fn kill_escapees(&mut self, generations: &[u64], leader: Pid) {
+        for (generation, pid) in escapees(generations) {
+            if pid != leader {
+                let _ = kill(pid, Signal::SIGKILL);
+                self.notice(Notice::EscapeeKilled {
+                    generation,
+                    pid: pid.as_raw(),
+                });
+            }
+        }
+    }
+
     /// Binds the notify socket again if its file is gone or replaced (a
     /// /tmp cleaner): a child would otherwise never reach it, and fail its
     /// readiness deadline.
@@ -508,19 +543,22 @@ impl Shell {
         if present {
             return;
         }
-        match NotifySocket::bind(&self.notify_path) {
+        // The cleaner may have taken the directory too, and someone else
+        // may have made it since: the same checks as at start.
+        let rebound = self
+            .notify_path
+            .parent()
+            .map_or(Ok(()), socket_directory)
+            .and_then(|()| NotifySocket::bind(&self.notify_path));
+        let error = match rebound {
             Ok(socket) => {
                 self.notify = socket;
-                tracing::warn!(
-                    "notify socket {} was gone (removed by a cleaner?): made it again",
-                    self.notify_path.display()
-                );
+                None
             }
-            Err(e) => tracing::error!(
-                "notify socket {} is gone and cannot be made again: {e}",
-                self.notify_path.display()
-            ),
-        }
+            Err(e) => Some(e.to_string()),
+        };
+        let path = self.notify_path.display().to_string();
+        self.notice(Notice::NotifySocketRestored { path, error });
     }
 
     /// Listens again on any listener a child has shut down.
@@ -617,14 +655,15 @@ impl Shell {
                     // own any more.
                     if leader {
                         let _ = kill(pid, Signal::SIGKILL);
+                    } else {
+                        // Its main process is gone: what of it is left are
+                        // escapees, now and as their parents die.
+                        self.ended.push_back(generation);
+                        if self.ended.len() > ENDED_KEPT {
+                            self.ended.pop_front();
+                        }
                     }
-                    for escapee in escapees_of(generation) {
-                        tracing::warn!(
-                            "killing pid {escapee}: it left generation {generation}'s process \
-                             group (setsid?) and outlived it"
-                        );
-                        let _ = kill(escapee, Signal::SIGKILL);
-                    }
+                    self.kill_escapees(&[generation], pid);
                 }
                 Action::Progress { waiter, progress } => {
                     let last = progress.is_final();
@@ -656,14 +695,27 @@ impl Shell {
             &self.notify_path,
         );
         let fds = self.listeners.fds();
-        // The notify socket is writable by the children's user only.
-        let owner = config.app.user.as_ref().map_or(0, |u| u.uid);
-        if let Err(e) = std::os::unix::fs::chown(&self.notify_path, Some(owner), None) {
-            tracing::warn!(
-                "cannot give the notify socket {} to uid {owner}: {e}",
-                self.notify_path.display()
-            );
+        // The notify socket is writable by the children's user only. Not
+        // through a symlink: lchown.
+        let me = nix::unistd::geteuid();
+        let owner = config.app.user.as_ref().map_or(me.as_raw(), |u| u.uid);
+        use std::os::unix::fs::MetadataExt;
+        let owned = std::fs::symlink_metadata(&self.notify_path).is_ok_and(|m| m.uid() == owner);
+        if !owned {
+            if let Err(e) = std::os::unix::fs::lchown(&self.notify_path, Some(owner), None) {
+                tracing::warn!(
+                    "cannot give the notify socket {} to uid {owner}: {e}",
+                    self.notify_path.display()
+                );
+            }
         }
+        // A non-root baton may run children as its own user only (checked
+        // at start and reload): then there is nothing to switch.
+        let user = config
+            .app
+            .user
+            .as_ref()
+            .filter(|u| me.is_root() || u.uid != me.as_raw());
         // Children get the fd limit baton started with (it raised its own),
         // unless [app] limits sets one.
         let mut limits = Vec::new();
@@ -682,7 +734,7 @@ impl Shell {
             env,
             workdir: config.app.workdir.as_deref(),
             listeners: &fds,
-            user: config.app.user.as_ref(),
+            user,
             umask: config.app.umask,
             limits,
         })
@@ -777,20 +829,28 @@ async fn serve_connection(stream: UnixStream, commands: mpsc::UnboundedSender<Co
     {
         return;
     }
+    // A client that stops reading (an `events` stream behind Ctrl-Z) is
+    // dropped after a while, so replies do not pile up for it.
     while let Some(reply) = replies.recv().await {
-        if write.write_all(send(&reply).as_bytes()).await.is_err() {
+        let written =
+            tokio::time::timeout(READ_TIMEOUT, write.write_all(send(&reply).as_bytes())).await;
+        if !matches!(written, Ok(Ok(()))) {
             break;
         }
     }
 }
 
-/// Processes adopted by baton (it is a subreaper) that carry
-/// `BATON_GENERATION=<generation>`: descendants of that generation whose
-/// parent has gone and that left its process group (setsid), so no killpg
-/// reaches them. A process that rewrote its environment is not found.
-fn escapees_of(generation: u64) -> Vec<Pid> {
+/// Processes adopted by baton (it is a subreaper) that carry the
+/// `BATON_GENERATION` of one of `generations`, with it: descendants of a
+/// generation that left its process group (setsid), so no killpg reaches
+/// them, once their parent has gone. Only baton's own unreaped children, so
+/// no pid here can have been reused. A process that rewrote its
+/// environment is not found.
+fn escapees(generations: &[u64]) -> Vec<(u64, Pid)> {
+    if generations.is_empty() {
+        return Vec::new();
+    }
     let me = std::process::id().to_string();
-    let wanted = format!("BATON_GENERATION={generation}");
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -805,13 +865,18 @@ fn escapees_of(generation: u64) -> Vec<Pid> {
                 .and_then(|(_, rest)| rest.split_whitespace().nth(1));
             ppid == Some(me.as_str())
         })
-        .filter(|pid| {
+        .filter_map(|pid| {
             let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            environ
-                .split(|&b| b == 0)
-                .any(|var| var == wanted.as_bytes())
+            let generation = environ.split(|&b| b == 0).find_map(|var| {
+                std::str::from_utf8(var.strip_prefix(b"BATON_GENERATION=")?)
+                    .ok()?
+                    .parse::<u64>()
+                    .ok()
+            })?;
+            generations
+                .contains(&generation)
+                .then(|| (generation, Pid::from_raw(pid)))
         })
-        .map(Pid::from_raw)
         .collect()
 }
 
@@ -828,7 +893,7 @@ async fn refuse_connection(mut stream: UnixStream, message: String) {
 /// shippers index and what tests wait on.
 fn log(notice: &Notice, json: bool) {
     let text = notice.to_string();
-    let text = printable(&text);
+    let text = crate::notice::printable(&text);
     macro_rules! at {
         ($level:ident) => {
             if json {
@@ -847,88 +912,6 @@ fn log(notice: &Notice, json: bool) {
         Level::Warn => at!(warn),
         Level::Info => at!(info),
         Level::Debug => at!(debug),
-    }
-}
-
-/// `text` with control characters escaped (`\0`, `\u{1b}`): an app's
-/// `STATUS=` text must not write raw bytes into a terminal or split a log
-/// line in two.
-fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
-        return text.into();
-    }
-    text.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_default().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect::<String>()
-        .into()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Issue 8: another user's /tmp/baton-<uid> (0777, or theirs) must not
-    /// hold baton's control socket.
-    #[test]
-    fn socket_directories_others_can_write_are_refused() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        assert!(safe_directory(dir.path()).is_ok());
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-        let e = safe_directory(dir.path()).unwrap_err().to_string();
-        assert!(
-            e.contains("can be written by other users (mode 777)"),
-            "{e}"
-        );
-        // /tmp itself is sticky: every user's own entries stay theirs.
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
-        assert!(safe_directory(dir.path()).is_ok());
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-        if nix::unistd::geteuid().is_root() {
-            let other = Some(nix::unistd::Uid::from_raw(4242));
-            nix::unistd::chown(dir.path(), other, None).unwrap();
-            let e = safe_directory(dir.path()).unwrap_err().to_string();
-            assert!(e.contains("is owned by uid 4242"), "{e}");
-        } else {
-            eprintln!("skipped the other-owner half of this test: needs root to chown");
-        }
-    }
-
-    /// Issue 8: a flood of 100k forged notify datagrams wrote 100k lines.
-    #[test]
-    fn a_flood_is_logged_as_a_few_lines_and_a_count() {
-        let mut t = Throttle::default();
-        let t0 = Instant::now();
-        let foreign = Notice::ForeignNotify {
-            pid: 1,
-            ready: true,
-        };
-        let shown = (0..100_000)
-            .filter(|_| matches!(t.admit(&foreign, t0), Admit::Yes))
-            .count();
-        assert_eq!(shown, Throttle::PER_SECOND as usize);
-        // Another kind has its own budget.
-        let refused = Notice::ControlRefused { uid: 7, pid: None };
-        assert!(matches!(t.admit(&refused, t0), Admit::Yes));
-        let later = t0 + std::time::Duration::from_secs(1);
-        assert!(matches!(
-            t.admit(&foreign, later),
-            Admit::AfterSuppressed(99_990)
-        ));
-        assert!(matches!(t.admit(&foreign, later), Admit::Yes));
-    }
-
-    /// Issue 8: a NUL byte in an app's STATUS= went raw into the log.
-    #[test]
-    fn control_characters_never_reach_the_log_raw() {
-        assert_eq!(printable("ready"), "ready");
-        assert_eq!(printable("a\0b\nc\u{1b}[31m"), "a\\u{0}b\\nc\\u{1b}[31m");
     }
 }
 
@@ -984,5 +967,65 @@ impl Throttle {
             window.suppressed += 1;
             Admit::No
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 8: another user's /tmp/baton-<uid> (0777, or theirs) must not
+    /// hold baton's control socket.
+    #[test]
+    fn socket_directories_others_can_write_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        assert!(safe_directory(dir.path()).is_ok());
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path(), &link).unwrap();
+        let e = safe_directory(&link).unwrap_err().to_string();
+        assert!(e.contains("is a symlink"), "{e}");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = safe_directory(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("can be written by other users (mode 777)"),
+            "{e}"
+        );
+        // /tmp itself is sticky: every user's own entries stay theirs.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(safe_directory(dir.path()).is_ok());
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            let other = Some(nix::unistd::Uid::from_raw(4242));
+            nix::unistd::chown(dir.path(), other, None).unwrap();
+            let e = safe_directory(dir.path()).unwrap_err().to_string();
+            assert!(e.contains("is owned by uid 4242"), "{e}");
+        } else {
+            eprintln!("skipped the other-owner half of this test: needs root to chown");
+        }
+    }
+
+    /// Issue 8: a flood of 100k forged notify datagrams wrote 100k lines.
+    #[test]
+    fn a_flood_is_logged_as_a_few_lines_and_a_count() {
+        let mut t = Throttle::default();
+        let t0 = Instant::now();
+        let foreign = Notice::ForeignNotify {
+            pid: 1,
+            ready: true,
+        };
+        let shown = (0..100_000)
+            .filter(|_| matches!(t.admit(&foreign, t0), Admit::Yes))
+            .count();
+        assert_eq!(shown, Throttle::PER_SECOND as usize);
+        // Another kind has its own budget.
+        let refused = Notice::ControlRefused { uid: 7, pid: None };
+        assert!(matches!(t.admit(&refused, t0), Admit::Yes));
+        let later = t0 + std::time::Duration::from_secs(1);
+        assert!(matches!(
+            t.admit(&foreign, later),
+            Admit::AfterSuppressed(99_990)
+        ));
+        assert!(matches!(t.admit(&foreign, later), Admit::Yes));
     }
 }

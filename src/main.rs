@@ -406,7 +406,9 @@ fn events(path: PathBuf, json: bool) -> u8 {
             Ok(Some(Reply::Following)) if json => continue,
             Ok(Some(Reply::Following)) => "following baton's events (Ctrl-C to stop)".to_owned(),
             Ok(Some(Reply::Notice(notice))) if json => notice.to_json(),
-            Ok(Some(Reply::Notice(notice))) => notice.to_string(),
+            Ok(Some(Reply::Notice(notice))) => {
+                baton::notice::printable(&notice.to_string()).into_owned()
+            }
             Ok(Some(Reply::Error { message })) => {
                 eprintln!("baton: {message}");
                 return FAILED;

@@ -207,6 +207,18 @@ pub enum Notice {
         #[serde(rename = "waited_ms", with = "millis")]
         waited: Duration,
     },
+    /// A process that left `generation`'s process group (setsid) and
+    /// outlived it was killed.
+    EscapeeKilled {
+        generation: u64,
+        pid: i32,
+    },
+    /// The notify socket's file was gone (a cleaner): it was made again
+    /// (or could not be: `error`).
+    NotifySocketRestored {
+        path: String,
+        error: Option<String>,
+    },
     /// More than the allowed number of generations drain: the oldest gets
     /// SIGKILL now.
     TooManyDraining {
@@ -300,7 +312,8 @@ impl Notice {
             | DrainTimedOut { .. }
             | TooManyDraining { .. }
             | MainPidIgnored { .. } => Level::Warn,
-            GivenUp { .. } => Level::Error,
+            GivenUp { .. } | NotifySocketRestored { error: Some(_), .. } => Level::Error,
+            EscapeeKilled { .. } | NotifySocketRestored { .. } => Level::Warn,
             ForeignNotify { ready, .. } if *ready => Level::Warn,
             ForeignNotify { .. } | AppStatus { .. } => Level::Debug,
             _ => Level::Info,
@@ -334,6 +347,7 @@ impl Notice {
             | DrainTimedOut { generation, .. }
             | TooManyDraining { generation, .. }
             | GivenUp { generation, .. }
+            | EscapeeKilled { generation, .. }
             | AppStatus { generation, .. }
             | AppStopping { generation }
             | MainPidIgnored { generation, .. } => Some(*generation),
@@ -474,6 +488,24 @@ impl fmt::Display for Notice {
                 pid.map_or_else(|| "?".to_owned(), |p| p.to_string()),
                 secs(*waited)
             ),
+            EscapeeKilled { generation, pid } => write!(
+                f,
+                "killed pid {pid}: it left generation {generation}'s process group (setsid?) \
+                 and outlived it"
+            ),
+            NotifySocketRestored { path, error: None } => {
+                write!(
+                    f,
+                    "notify socket {path} was gone (removed by a cleaner?): made it again"
+                )
+            }
+            NotifySocketRestored {
+                path,
+                error: Some(e),
+            } => write!(
+                f,
+                "notify socket {path} is gone and cannot be made again: {e}"
+            ),
             TooManyDraining { generation, limit } => write!(
                 f,
                 "more than {limit} generations draining: killing generation {generation}"
@@ -529,6 +561,25 @@ impl fmt::Display for Summary {
             ),
         }
     }
+}
+
+/// `text` with control characters escaped (`\0`, `\u{1b}`): an app's
+/// `STATUS=` text must not write raw bytes into a terminal or split a log
+/// line in two.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
 }
 
 /// "3.2 ms", "0.42 s", "30 s": short, for logs and progress lines.
@@ -646,6 +697,13 @@ mod tests {
             serde_json::to_string(&ExitStatus::Signal(Signal::SIGTERM)).unwrap(),
             r#"{"signal":"SIGTERM"}"#
         );
+    }
+
+    /// Issue 8: a NUL byte in an app's STATUS= went raw into the log.
+    #[test]
+    fn control_characters_never_reach_the_log_raw() {
+        assert_eq!(printable("ready"), "ready");
+        assert_eq!(printable("a\0b\nc\u{1b}[31m"), "a\\u{0}b\\nc\\u{1b}[31m");
     }
 
     #[test]

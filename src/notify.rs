@@ -24,7 +24,9 @@ pub(crate) use crate::sys::recv_with_fds;
 const MAX_DATAGRAM: usize = 4096;
 
 /// The socket children send `READY=1` to. Every datagram carries the sender's
-/// pid, attached by the kernel (SO_PASSCRED), so it cannot be forged.
+/// pid, attached by the kernel (SO_PASSCRED): a sender can name another pid
+/// only with CAP_SYS_ADMIN, so children without it (`[app] user`) cannot
+/// pass for each other.
 pub(crate) struct NotifySocket {
     socket: tokio::net::UnixDatagram,
 }

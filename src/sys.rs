@@ -461,6 +461,8 @@ mod tests {
             Stage::Chdir,
             Stage::Exec,
             Stage::SignalMask,
+            Stage::Limits,
+            Stage::User,
         ] {
             let record = encode_report(stage, Errno::ENOENT as i32);
             assert_eq!(decode_report(record), (stage, Errno::ENOENT));

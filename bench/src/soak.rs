@@ -113,9 +113,14 @@ pub fn run(env: &Env, planned: usize) -> Result<Soak> {
     })
 }
 
-/// Waits until every old generation has drained: one child left.
+/// Waits until every old generation has drained: one live child left (a
+/// zombie would be a leak, counted in the snapshot, not waited for).
 fn settle(baton: &Baton) -> Result<()> {
-    if eventually(Duration::from_secs(60), || children(baton.pid()).len() == 1) {
+    let live = || {
+        let kids = children(baton.pid());
+        kids.iter().filter(|&&pid| !is_zombie(pid)).count()
+    };
+    if eventually(Duration::from_secs(60), || live() == 1) {
         Ok(())
     } else {
         Err(baton

@@ -594,8 +594,14 @@ impl Baton {
             // An adopted orphan may lead no group of its own.
             procs::signal(pid, Signal::SIGKILL);
         }
-        for pid in self.log.generations().into_values() {
-            procs::kill_group(pid);
+        // Generations baton reported gone were reaped: their pids may
+        // belong to another test's processes by now.
+        let notices = self.log.notices();
+        let gone = |g: u64| notices.iter().any(|n| Mark::Exited.matches(g, n));
+        for (generation, pid) in self.log.generations() {
+            if !gone(generation) {
+                procs::kill_group(pid);
+            }
             procs::unregister(pid);
         }
     }

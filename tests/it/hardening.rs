@@ -109,6 +109,44 @@ fn grandchild_that_left_the_group_dies_with_its_generation() {
     );
 }
 
+/// Defect 2a, nested: the setsid() process's parent is still alive (in the
+/// generation's group) when the generation is killed; it is adopted by
+/// baton only once that parent dies, after the kill.
+#[test]
+fn nested_escapee_is_killed_once_adopted() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("escapee.pid");
+    let base = setup();
+    let script = format!(
+        "sh -c 'setsid sleep 600 & echo $! > {}; exec sleep 600' & exec {}",
+        pidfile.display(),
+        base.command[0]
+    );
+    let escaping = Setup {
+        command: vec!["/bin/sh".into(), "-c".into(), script],
+        ..base.clone()
+    };
+    let mut baton = start(&escaping);
+    let escapee = read_pid(&pidfile);
+    let _guard = KillOnDrop(escapee);
+    baton.rewrite(&base).unwrap();
+    let (code, _, stderr) = baton.reload_wait();
+    assert_eq!(code, 0, "{stderr}");
+    let killed = baton
+        .wait_notice("the escapee killed", WAIT, |n| {
+            matches!(n, Notice::EscapeeKilled { generation: 1, .. })
+        })
+        .unwrap();
+    assert_eq!(
+        killed,
+        Notice::EscapeeKilled {
+            generation: 1,
+            pid: escapee
+        }
+    );
+    assert!(eventually(WAIT, || !alive(escapee)));
+}
+
 /// Defect 2b: a main process that moved to another process group and
 /// ignores SIGTERM was never killed (killpg failed with ESRCH): its
 /// generation drained forever and `baton stop` hung.
@@ -200,23 +238,28 @@ fn listener_shut_down_by_a_child_listens_again_within_a_second() {
 fn control_connections_are_capped() {
     let baton = start(&setup());
     // 100 idle clients: more than the 64 baton serves at once.
-    let mut idle: Vec<UnixStream> = (0..100)
+    let idle: Vec<UnixStream> = (0..100)
         .map(|_| UnixStream::connect(baton.control()).expect("connect"))
         .collect();
     // Those past the cap hear why at once; the others wait for a request
-    // (a read times out: the client has not sent one).
-    let refused = idle
-        .iter_mut()
-        .filter(|s| {
-            s.set_read_timeout(Some(Duration::from_millis(500)))
-                .unwrap();
-            let mut line = String::new();
-            BufReader::new(&**s).read_line(&mut line).is_ok()
-                && line.contains("too many control connections (64 open)")
+    // (their read times out: the client has not sent one). All at once.
+    let readers: Vec<_> = idle
+        .into_iter()
+        .map(|s| {
+            std::thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut line = String::new();
+                BufReader::new(&s).read_line(&mut line).is_ok()
+                    && line.contains("too many control connections (64 open)")
+            })
         })
+        .collect();
+    let refused = readers
+        .into_iter()
+        .map(|r| r.join().unwrap())
+        .filter(|&refused| refused)
         .count();
     assert_eq!(refused, 36);
-    drop(idle);
     let out = baton.cli(&["status"]);
     assert!(
         out.status.success(),
@@ -294,7 +337,8 @@ fn cli_refuses_a_daemon_of_another_user() {
         .unwrap();
     let fake = StopOnDrop(fake);
     let socket = theirs.join("baton.sock");
-    assert!(eventually(WAIT, || socket.exists()));
+    // Listening (not only bound) once a connection succeeds.
+    assert!(eventually(WAIT, || UnixStream::connect(&socket).is_ok()));
     // Their directory, their socket, open to anyone: a planted daemon.
     std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o777)).unwrap();
@@ -398,6 +442,15 @@ fn notify_socket_removed_by_a_cleaner_is_made_again() {
     let (code, _, stderr) = baton.reload_wait();
     assert_eq!(code, 0, "{stderr}");
     assert!(notify.exists());
+    let restored = baton
+        .wait_notice("the notify socket restored", WAIT, |n| {
+            matches!(n, Notice::NotifySocketRestored { .. })
+        })
+        .unwrap();
+    assert!(
+        matches!(restored, Notice::NotifySocketRestored { error: None, .. }),
+        "{restored:?}"
+    );
     baton.wait_drained(1).unwrap();
     assert_eq!(get_generation(baton.port()), 2);
 }
