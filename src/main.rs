@@ -72,6 +72,11 @@ enum Command {
         json: bool,
     },
     /// Validate the config file (like `nginx -t`); needs no running daemon.
+    ///
+    /// Everything in the file is checked (keys, addresses, paths, users,
+    /// groups, limits), with file, line and column on error. What depends on
+    /// how baton is started is checked when it starts: `[app] user` needs
+    /// baton to run as root.
     Check {
         #[arg(short, long, default_value = config::DEFAULT_PATH, env = "BATON_CONFIG")]
         config: PathBuf,
