@@ -333,7 +333,7 @@ struct Shell {
     subscribers: Vec<mpsc::UnboundedSender<Reply>>,
     /// The latest generations whose main process has exited, for the
     /// escapee sweep.
-    ended: std::collections::VecDeque<u64>,
+    ended: std::collections::VecDeque<(u64, Pid)>,
     /// RLIMIT_NOFILE as baton found it (soft, hard), for the children.
     nofile: Option<(u64, u64)>,
     /// Permits for control connections being served.
@@ -431,8 +431,8 @@ impl Shell {
                     self.check_listeners();
                     // A process that left an ended generation's group is
                     // adopted by baton only when its own parent dies.
-                    let ended: Vec<u64> = self.ended.iter().copied().collect();
-                    self.kill_escapees(&ended, Pid::from_raw(0));
+                    let ended: Vec<(u64, Pid)> = self.ended.iter().copied().collect();
+                    self.kill_escapees(&ended);
                 }
                 _ = async { watchdog.as_mut().expect("checked").tick().await }, if watchdog.is_some() => {
                     if let Some(upstream) = &self.upstream {
@@ -519,17 +519,15 @@ impl Shell {
     }
 
     /// Kills baton's adopted children that carry the `BATON_GENERATION` of
-    /// one of `generations`, except `leader` (a generation's own process,
-    /// killed by its own rule).
-    fn kill_escapees(&mut self, generations: &[u64], leader: Pid) {
+    /// one of `generations` (each with the pid of its main process) and
+    /// left its process group.
+    fn kill_escapees(&mut self, generations: &[(u64, Pid)]) {
         for (generation, pid) in escapees(generations) {
-            if pid != leader {
-                let _ = kill(pid, Signal::SIGKILL);
-                self.notice(Notice::EscapeeKilled {
-                    generation,
-                    pid: pid.as_raw(),
-                });
-            }
+            let _ = kill(pid, Signal::SIGKILL);
+            self.notice(Notice::EscapeeKilled {
+                generation,
+                pid: pid.as_raw(),
+            });
         }
     }
 
@@ -658,12 +656,12 @@ impl Shell {
                     } else {
                         // Its main process is gone: what of it is left are
                         // escapees, now and as their parents die.
-                        self.ended.push_back(generation);
+                        self.ended.push_back((generation, pid));
                         if self.ended.len() > ENDED_KEPT {
                             self.ended.pop_front();
                         }
                     }
-                    self.kill_escapees(&[generation], pid);
+                    self.kill_escapees(&[(generation, pid)]);
                 }
                 Action::Progress { waiter, progress } => {
                     let last = progress.is_final();
@@ -841,12 +839,13 @@ async fn serve_connection(stream: UnixStream, commands: mpsc::UnboundedSender<Co
 }
 
 /// Processes adopted by baton (it is a subreaper) that carry the
-/// `BATON_GENERATION` of one of `generations`, with it: descendants of a
-/// generation that left its process group (setsid), so no killpg reaches
-/// them, once their parent has gone. Only baton's own unreaped children, so
-/// no pid here can have been reused. A process that rewrote its
-/// environment is not found.
-fn escapees(generations: &[u64]) -> Vec<(u64, Pid)> {
+/// `BATON_GENERATION` of one of `generations` and are outside its process
+/// group (led by its main process, whose pid comes with it), alive: the
+/// descendants that left the group (setsid), which no killpg reaches, once
+/// their parent has gone. Only baton's own unreaped children, so no pid here
+/// can have been reused. A process that rewrote its environment is not
+/// found.
+fn escapees(generations: &[(u64, Pid)]) -> Vec<(u64, Pid)> {
     if generations.is_empty() {
         return Vec::new();
     }
@@ -857,15 +856,15 @@ fn escapees(generations: &[u64]) -> Vec<(u64, Pid)> {
     procs
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            // "pid (comm) state ppid ...": comm may hold spaces.
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let ppid = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1));
-            ppid == Some(me.as_str())
-        })
         .filter_map(|pid| {
+            // "pid (comm) state ppid pgrp ...": comm may hold spaces.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let (_, rest) = stat.rsplit_once(')')?;
+            let fields: Vec<&str> = rest.split_whitespace().take(3).collect();
+            let (state, ppid, pgrp) = (*fields.first()?, *fields.get(1)?, *fields.get(2)?);
+            (ppid == me && state != "Z").then_some((pid, pgrp.parse::<i32>().ok()?))
+        })
+        .filter_map(|(pid, pgrp)| {
             let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
             let generation = environ.split(|&b| b == 0).find_map(|var| {
                 std::str::from_utf8(var.strip_prefix(b"BATON_GENERATION=")?)
@@ -873,9 +872,9 @@ fn escapees(generations: &[u64]) -> Vec<(u64, Pid)> {
                     .parse::<u64>()
                     .ok()
             })?;
-            generations
-                .contains(&generation)
-                .then(|| (generation, Pid::from_raw(pid)))
+            let (_, leader) = generations.iter().find(|(g, _)| *g == generation)?;
+            let in_group = pid == leader.as_raw() || pgrp == leader.as_raw();
+            (!in_group).then(|| (generation, Pid::from_raw(pid)))
         })
         .collect()
 }

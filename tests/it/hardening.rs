@@ -78,34 +78,42 @@ fn sleeper() -> Setup {
     }
 }
 
+/// Starts generation 1 as `sh -c "<escape> <newline> exec <the app>"`, where
+/// `escape` starts a setsid'd `sleep 600` and writes its pid to PIDFILE,
+/// then deploys the plain app. Returns baton and the escapee (SIGKILLed on
+/// drop, should the test fail).
+fn deploy_past_an_escapee(escape: &str) -> (Baton, KillOnDrop) {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("escapee.pid");
+    let base = setup();
+    let escape = escape.replace("PIDFILE", &pidfile.display().to_string());
+    let escaping = Setup {
+        command: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            format!("{escape}\nexec {}", base.command[0]),
+        ],
+        ..base.clone()
+    };
+    let baton = start(&escaping);
+    let escapee = KillOnDrop(read_pid(&pidfile));
+    assert!(alive(escapee.0));
+    baton.rewrite(&base).unwrap();
+    let (code, _, stderr) = baton.reload_wait();
+    assert_eq!(code, 0, "{stderr}");
+    (baton, escapee)
+}
+
 /// Defect 2a: a grandchild that called setsid() left its generation's
 /// process group; it outlived its generation and kept serving old code.
 #[test]
 fn grandchild_that_left_the_group_dies_with_its_generation() {
-    let dir = tempfile::tempdir().unwrap();
-    let pidfile = dir.path().join("escapee.pid");
-    let base = setup();
-    let script = format!(
-        "setsid sleep 600 & echo $! > {}; exec {}",
-        pidfile.display(),
-        base.command[0]
-    );
-    let escaping = Setup {
-        command: vec!["/bin/sh".into(), "-c".into(), script],
-        ..base.clone()
-    };
-    let mut baton = start(&escaping);
-    let escapee = read_pid(&pidfile);
-    let _guard = KillOnDrop(escapee);
-    assert!(alive(escapee));
-    // The next generation must not start another one.
-    baton.rewrite(&base).unwrap();
-    let (code, _, stderr) = baton.reload_wait();
-    assert_eq!(code, 0, "{stderr}");
+    let (mut baton, escapee) = deploy_past_an_escapee("setsid sleep 600 & echo $! > PIDFILE");
     baton.wait_drained(1).unwrap();
     assert!(
-        eventually(WAIT, || !alive(escapee)),
-        "pid {escapee} (setsid) outlived generation 1"
+        eventually(WAIT, || !alive(escapee.0)),
+        "pid {} (setsid) outlived generation 1",
+        escapee.0
     );
 }
 
@@ -114,24 +122,9 @@ fn grandchild_that_left_the_group_dies_with_its_generation() {
 /// baton only once that parent dies, after the kill.
 #[test]
 fn nested_escapee_is_killed_once_adopted() {
-    let dir = tempfile::tempdir().unwrap();
-    let pidfile = dir.path().join("escapee.pid");
-    let base = setup();
-    let script = format!(
-        "sh -c 'setsid sleep 600 & echo $! > {}; exec sleep 600' & exec {}",
-        pidfile.display(),
-        base.command[0]
-    );
-    let escaping = Setup {
-        command: vec!["/bin/sh".into(), "-c".into(), script],
-        ..base.clone()
-    };
-    let mut baton = start(&escaping);
-    let escapee = read_pid(&pidfile);
-    let _guard = KillOnDrop(escapee);
-    baton.rewrite(&base).unwrap();
-    let (code, _, stderr) = baton.reload_wait();
-    assert_eq!(code, 0, "{stderr}");
+    let (mut baton, guard) =
+        deploy_past_an_escapee("sh -c 'setsid sleep 600 & echo $! > PIDFILE; exec sleep 600' &");
+    let escapee = guard.0;
     let killed = baton
         .wait_notice("the escapee killed", WAIT, |n| {
             matches!(n, Notice::EscapeeKilled { generation: 1, .. })
@@ -196,14 +189,16 @@ fn main_process_that_left_its_group_is_killed_at_the_deadline() {
 #[test]
 fn listener_shut_down_by_a_child_listens_again_within_a_second() {
     let base = setup();
-    // A helper of the app shuts fd 3 down for reading and lives on.
-    let script = format!(
-        "perl -e 'open(my $s, \"+<&=\", 3) or die; shutdown($s, 0) or die; sleep 600' & \
-         exec {}",
-        base.command[0]
-    );
+    // Generation 1 shuts fd 3 down for reading and lives on, serving
+    // nothing (an app whose event loop saw the hangup may spin on it; this
+    // one just sleeps, so the test's timing does not depend on it).
     let breaking = Setup {
-        command: vec!["/bin/sh".into(), "-c".into(), script],
+        command: vec![
+            "perl".into(),
+            "-e".into(),
+            "open(my $s, '+<&=', 3) or die; shutdown($s, 0) or die; sleep 600".into(),
+        ],
+        readiness: "check = \"delay\"\ndelay = \"50ms\"\ntimeout = \"10s\"".into(),
         ..base.clone()
     };
     let mut baton = start(&breaking);
@@ -222,10 +217,9 @@ fn listener_shut_down_by_a_child_listens_again_within_a_second() {
         unreachable!()
     };
     assert_eq!((name.as_str(), generations, error), ("http", vec![1], None));
-    // Generation 1's own event loop saw the socket hang up and may never
-    // poll it again (tokio keeps "read closed" for good); the way out is a
-    // deploy, which works only because the socket listens again: a
-    // generation that registers a shut-down socket is as broken.
+    // The way out is a deploy, which works only because the socket listens
+    // again: a generation that registers a shut-down socket is broken too
+    // (tokio keeps "read closed" for good).
     baton.rewrite(&base).unwrap();
     let (code, _, stderr) = baton.reload_wait();
     assert_eq!(code, 0, "{stderr}");
