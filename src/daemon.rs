@@ -53,8 +53,10 @@ pub enum DaemonError {
 /// How often the listeners are checked for a child's `shutdown()`.
 const LISTENER_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Ended generations whose escapees the sweep still looks for.
+/// Ended generations whose escapees the sweep still looks for, and for how
+/// long after the generation's main process exited.
 const ENDED_KEPT: usize = 64;
+const ESCAPEE_WATCH: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How long the control socket stops accepting after accept() failed.
 const ACCEPT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(50);
@@ -331,9 +333,9 @@ struct Shell {
     stop_waiters: Vec<mpsc::UnboundedSender<Reply>>,
     /// `baton events` clients: every notice from now on.
     subscribers: Vec<mpsc::UnboundedSender<Reply>>,
-    /// The latest generations whose main process has exited, for the
-    /// escapee sweep.
-    ended: std::collections::VecDeque<(u64, Pid)>,
+    /// The latest generations whose main process has exited (with its pid,
+    /// and when), for the escapee sweep.
+    ended: std::collections::VecDeque<(u64, Pid, Instant)>,
     /// RLIMIT_NOFILE as baton found it (soft, hard), for the children.
     nofile: Option<(u64, u64)>,
     /// Permits for control connections being served.
@@ -431,7 +433,9 @@ impl Shell {
                     self.check_listeners();
                     // A process that left an ended generation's group is
                     // adopted by baton only when its own parent dies.
-                    let ended: Vec<(u64, Pid)> = self.ended.iter().copied().collect();
+                    // Watched for a while only: the sweep reads /proc.
+                    self.ended.retain(|&(_, _, at)| at.elapsed() < ESCAPEE_WATCH);
+                    let ended: Vec<(u64, Pid)> = self.ended.iter().map(|&(g, p, _)| (g, p)).collect();
                     self.kill_escapees(&ended);
                 }
                 _ = async { watchdog.as_mut().expect("checked").tick().await }, if watchdog.is_some() => {
@@ -656,7 +660,7 @@ impl Shell {
                     } else {
                         // Its main process is gone: what of it is left are
                         // escapees, now and as their parents die.
-                        self.ended.push_back((generation, pid));
+                        self.ended.push_back((generation, pid, Instant::now()));
                         if self.ended.len() > ENDED_KEPT {
                             self.ended.pop_front();
                         }
