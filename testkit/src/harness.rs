@@ -344,6 +344,22 @@ impl Baton {
         Ok(line.notice.expect("matched a notice"))
     }
 
+    /// Waits for a notice satisfying `matches` logged at any time since
+    /// baton started (the cursor of [`Baton::wait_notice`] is neither used
+    /// nor moved): for what may come before or after another awaited
+    /// notice.
+    pub fn wait_notice_ever(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut matches: impl FnMut(&Notice) -> bool,
+    ) -> Result<Notice> {
+        let (_, line) = self.wait_line(0, what, timeout, |l| {
+            l.notice.as_ref().is_some_and(&mut matches)
+        })?;
+        Ok(line.notice.expect("matched a notice"))
+    }
+
     /// Waits until generation `generation` is ready (from the cursor of
     /// [`Baton::wait_notice`], which it moves past that line).
     pub fn wait_ready(&mut self, generation: u64, timeout: Duration) -> Result<()> {

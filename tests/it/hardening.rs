@@ -202,8 +202,9 @@ fn listener_shut_down_by_a_child_listens_again_within_a_second() {
         ..base.clone()
     };
     let mut baton = start(&breaking);
+    // Before or after generation 1's readiness (`start` waited for that).
     let restored = baton
-        .wait_notice("the listener restored", WAIT, |n| {
+        .wait_notice_ever("the listener restored", WAIT, |n| {
             matches!(n, Notice::ListenerRestored { .. })
         })
         .unwrap();

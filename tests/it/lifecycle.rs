@@ -218,7 +218,11 @@ fn no_fd_or_zombie_leaks_across_fifty_deploys() {
         children(baton.pid())
     );
     assert_eq!(children(baton.pid()), [baton.current_pid()]);
-    assert_eq!(fds(baton.pid()), after_one);
+    // A control connection just served may hold an fd in baton for a
+    // moment after its client left, at either count: no more than after
+    // one deploy (a leak of one fd per deploy would be 50 more).
+    let settled = eventually(Duration::from_secs(10), || fds(baton.pid()) <= after_one);
+    assert!(settled, "{} fds, {after_one} before", fds(baton.pid()));
 }
 
 /// The exact child contract, read from /proc of the running app (`sleep`,
