@@ -54,7 +54,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use baton_testkit::binaries::Profile;
 use baton_testkit::harness::Launch;
-use baton_testkit::{Binaries, Mix, Setup, Spec};
+use baton_testkit::{Binaries, Context, Mix, Setup, Spec};
 use clap::Parser;
 
 /// Zero-downtime benchmark of baton: writes DIR/report.md and DIR/timeline.svg.
@@ -171,34 +171,16 @@ impl Env {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// What the kit reports already names what failed.
+    /// What the kit reports already names what failed; I/O errors carry
+    /// what was being done (`baton_testkit::Context`).
     #[error(transparent)]
     Kit(#[from] baton_testkit::Error),
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        source: std::io::Error,
-    },
     /// Something needed for a measurement did not happen.
     #[error("{0}")]
     Bench(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// Adds what was being done to an I/O error.
-pub trait Context<T> {
-    fn context<S: Into<String>>(self, what: impl FnOnce() -> S) -> Result<T>;
-}
-
-impl<T> Context<T> for std::io::Result<T> {
-    fn context<S: Into<String>>(self, what: impl FnOnce() -> S) -> Result<T> {
-        self.map_err(|source| Error::Io {
-            context: what().into(),
-            source,
-        })
-    }
-}
 
 fn main() -> ExitCode {
     let args = Args::parse();

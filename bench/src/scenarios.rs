@@ -12,7 +12,9 @@ use baton_testkit::procs::{cpu_time, Footprint};
 use baton_testkit::{App, Baton, Listen, Mark, Setup};
 
 use crate::report::ms;
-use crate::{Context, Env, Error, Result};
+use baton_testkit::Context;
+
+use crate::{Env, Error, Result};
 
 /// The example app's boot time in A, B and C (`HELLO_BOOT_DELAY_MS`): real
 /// apps are not ready at once, and it makes the overlap of two generations
@@ -333,7 +335,7 @@ fn lifespan(generation: u64, spawned: f64, ready: Option<f64>) -> Lifespan {
 fn free_port() -> Result<SocketAddr> {
     let listener =
         std::net::TcpListener::bind("127.0.0.1:0").context(|| "cannot bind 127.0.0.1:0")?;
-    listener.local_addr().context(|| "getsockname")
+    Ok(listener.local_addr().context(|| "getsockname")?)
 }
 
 /// Polls with GETs until the app answers one; when it did.

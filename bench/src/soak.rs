@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use baton_testkit::procs::{children, Footprint};
-use baton_testkit::{eventually, Baton, Load, Spec, Tally};
+use baton_testkit::{alive, eventually, Baton, Load, Spec, Tally};
 
 use crate::{Env, Error, Result};
 
@@ -24,7 +24,8 @@ impl Snapshot {
     fn of(baton: &Baton) -> Result<Snapshot> {
         let footprint = Footprint::of(baton.pid())?;
         let kids = children(baton.pid());
-        let zombies = kids.iter().filter(|&&pid| is_zombie(pid)).count();
+        // Listed as children, so present: not alive means a zombie.
+        let zombies = kids.iter().filter(|&&pid| !alive(pid)).count();
         Ok(Snapshot {
             fds: footprint.fds,
             rss_kib: footprint.rss_kib,
@@ -32,13 +33,6 @@ impl Snapshot {
             zombies,
         })
     }
-}
-
-fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-    })
 }
 
 pub struct Soak {
@@ -118,7 +112,7 @@ pub fn run(env: &Env, planned: usize) -> Result<Soak> {
 fn settle(baton: &Baton) -> Result<()> {
     let live = || {
         let kids = children(baton.pid());
-        kids.iter().filter(|&&pid| !is_zombie(pid)).count()
+        kids.iter().filter(|&&pid| alive(pid)).count()
     };
     if eventually(Duration::from_secs(60), || live() == 1) {
         Ok(())
