@@ -83,6 +83,36 @@ pub(crate) struct App {
     pub(crate) umask: Option<u32>,
     /// Resource limits set in each child (soft = hard = the value).
     pub(crate) limits: Vec<Limit>,
+    /// Where each generation's cgroup goes (`[app] cgroup`).
+    pub(crate) cgroup: CgroupPlace,
+    /// Written into each generation's cgroup (`memory_max`, `cpu_max`,
+    /// `pids_max`); they need a cgroup.
+    pub(crate) cgroup_limits: Vec<CgroupLimit>,
+}
+
+/// `[app] cgroup`: which cgroup v2 directory holds the generations' cgroups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CgroupPlace {
+    /// baton's own cgroup, when it is the only process there and may write
+    /// it (a systemd service with `Delegate=yes`, a container's init);
+    /// else none.
+    Auto,
+    /// No cgroups: process groups, and escapees found by their environment.
+    Off,
+    /// This directory (made if missing; its parent must be a cgroup v2
+    /// directory).
+    At(PathBuf),
+}
+
+/// One resource limit of a generation's cgroup: `value` goes into `file`,
+/// which exists once `controller` is enabled for the cgroup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CgroupLimit {
+    /// The key in `[app]`, for messages.
+    pub(crate) key: &'static str,
+    pub(crate) controller: &'static str,
+    pub(crate) file: &'static str,
+    pub(crate) value: String,
 }
 
 /// Who the children run as: looked up when the file is validated, so the
@@ -347,6 +377,10 @@ struct RawApp {
     group: Option<Spanned<String>>,
     umask: Option<Spanned<String>>,
     limits: Option<Spanned<BTreeMap<String, RawLimit>>>,
+    cgroup: Option<Spanned<String>>,
+    memory_max: Option<Spanned<RawLimit>>,
+    cpu_max: Option<Spanned<String>>,
+    pids_max: Option<Spanned<RawLimit>>,
 }
 
 /// A limit: a number, or "unlimited".
@@ -707,6 +741,36 @@ fn duration(raw: &RawDuration, default: Duration) -> Result<Duration, Invalid> {
 
 impl RawApp {
     fn validate(self) -> Result<App, Invalid> {
+        let cgroup = match &self.cgroup {
+            None => CgroupPlace::Auto,
+            Some(raw) => match raw.get_ref().as_str() {
+                "auto" => CgroupPlace::Auto,
+                "off" => CgroupPlace::Off,
+                _ if raw.get_ref().starts_with('/') => {
+                    CgroupPlace::At(absolute_path(raw, "cgroup")?)
+                }
+                other => {
+                    return invalid(
+                        raw.span(),
+                        format!(
+                            "cgroup `{other}` is neither \"auto\", \"off\" nor an absolute \
+                             path like \"/sys/fs/cgroup/baton/app\""
+                        ),
+                    )
+                }
+            },
+        };
+        let cgroup_limits = self.cgroup_limits()?;
+        if let (Some(first), CgroupPlace::Off) = (cgroup_limits.first(), &cgroup) {
+            let span = self.cgroup.as_ref().map_or(0..0, |c| c.span());
+            return invalid(
+                span,
+                format!(
+                    "{} needs a cgroup, and cgroup = \"off\": remove one of the two",
+                    first.key
+                ),
+            );
+        }
         let span = self.command.span();
         let command = self.command.into_inner();
         if command.first().is_none_or(|c| c.is_empty()) {
@@ -801,7 +865,91 @@ impl RawApp {
             user,
             umask,
             limits,
+            cgroup,
+            cgroup_limits,
         })
+    }
+}
+
+impl RawApp {
+    /// `memory_max`, `cpu_max` and `pids_max`, in the kernel's formats.
+    fn cgroup_limits(&self) -> Result<Vec<CgroupLimit>, Invalid> {
+        let mut limits = Vec::new();
+        if let Some(raw) = &self.memory_max {
+            let bytes = match raw.get_ref() {
+                RawLimit::Number(n) if *n > 0 => Some(*n as u64),
+                RawLimit::Word(w) if w == "max" => None,
+                RawLimit::Word(w) => parse_size::Config::new()
+                    .with_binary()
+                    .parse_size(w)
+                    .ok()
+                    .filter(|&b| b > 0)
+                    .map(Some)
+                    .ok_or_else(|| Invalid {
+                        span: raw.span(),
+                        message: format!(
+                            "memory_max `{w}` is not a size: write bytes, or e.g. \"512M\" or \
+                             \"2G\" (powers of 1024), or \"max\""
+                        ),
+                    })?,
+                RawLimit::Number(_) => {
+                    return invalid(raw.span(), "memory_max must be greater than zero")
+                }
+            };
+            limits.push(CgroupLimit {
+                key: "memory_max",
+                controller: "memory",
+                file: "memory.max",
+                value: bytes.map_or_else(|| "max".to_owned(), |b| b.to_string()),
+            });
+        }
+        if let Some(raw) = &self.cpu_max {
+            // As systemd's CPUQuota=: a share of one CPU per 100 ms period.
+            const PERIOD_US: u64 = 100_000;
+            let text = raw.get_ref().trim();
+            let value = if text == "max" {
+                format!("max {PERIOD_US}")
+            } else {
+                let percent = text
+                    .strip_suffix('%')
+                    .and_then(|p| p.trim().parse::<f64>().ok())
+                    .filter(|p| p.is_finite() && *p >= 1.0 && *p <= 100_000.0)
+                    .ok_or_else(|| Invalid {
+                        span: raw.span(),
+                        message: format!(
+                            "cpu_max `{text}` is not a CPU share: write a percentage of one CPU \
+                             (at least 1%), e.g. \"50%\" or \"200%\" for two CPUs, or \"max\""
+                        ),
+                    })?;
+                let quota = (percent / 100.0 * PERIOD_US as f64).round() as u64;
+                format!("{quota} {PERIOD_US}")
+            };
+            limits.push(CgroupLimit {
+                key: "cpu_max",
+                controller: "cpu",
+                file: "cpu.max",
+                value,
+            });
+        }
+        if let Some(raw) = &self.pids_max {
+            let value = match raw.get_ref() {
+                RawLimit::Number(n) if *n > 0 => n.to_string(),
+                RawLimit::Word(w) if w == "max" => "max".to_owned(),
+                _ => {
+                    return invalid(
+                        raw.span(),
+                        "pids_max must be a number of processes greater than zero, or \"max\"",
+                    )
+                }
+            };
+            limits.push(CgroupLimit {
+                key: "pids_max",
+                controller: "pids",
+                file: "pids.max",
+                value,
+            });
+        }
+        Ok(limits)
     }
 }
 
@@ -1162,6 +1310,82 @@ group = "root"
                 "limits = { core = -1 }",
                 "3:10",
                 "must be a number ≥ 0 or \"unlimited\"",
+            ),
+        ];
+        for (line, position, message) in cases {
+            let e = error(&format!("{MINIMAL}{line}\n"));
+            assert!(
+                e.contains(&format!("t.toml:{position}: ")),
+                "{position} in {e}"
+            );
+            assert!(e.contains(message), "{message} in {e}");
+        }
+    }
+
+    #[test]
+    fn app_cgroup_and_its_limits() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(
+            (c.app.cgroup, c.app.cgroup_limits),
+            (CgroupPlace::Auto, vec![])
+        );
+        let c = parse(&format!(
+            "{MINIMAL}cgroup = \"/sys/fs/cgroup/baton/app\"\nmemory_max = \"512M\"\n\
+             cpu_max = \"150%\"\npids_max = 64\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.app.cgroup,
+            CgroupPlace::At("/sys/fs/cgroup/baton/app".into())
+        );
+        let files: Vec<(&str, &str)> = c
+            .app
+            .cgroup_limits
+            .iter()
+            .map(|l| (l.file, l.value.as_str()))
+            .collect();
+        assert_eq!(
+            files,
+            [
+                ("memory.max", "536870912"),
+                ("cpu.max", "150000 100000"),
+                ("pids.max", "64")
+            ]
+        );
+        let c = parse(&format!(
+            "{MINIMAL}memory_max = 1048576\ncpu_max = \"max\"\npids_max = \"max\"\ncgroup = \"off\"\n"
+        ));
+        let e = c.unwrap_err().to_string();
+        assert!(
+            e.contains("t.toml:6:10: memory_max needs a cgroup, and cgroup = \"off\""),
+            "{e}"
+        );
+        let cases = [
+            (
+                "cgroup = \"sys/fs/cgroup\"",
+                "3:10",
+                "neither \"auto\", \"off\" nor an absolute path",
+            ),
+            (
+                "memory_max = \"lots\"",
+                "3:14",
+                "memory_max `lots` is not a size",
+            ),
+            (
+                "memory_max = 0",
+                "3:14",
+                "memory_max must be greater than zero",
+            ),
+            (
+                "cpu_max = \"1.5\"",
+                "3:11",
+                "cpu_max `1.5` is not a CPU share",
+            ),
+            ("cpu_max = \"0.5%\"", "3:11", "at least 1%"),
+            (
+                "pids_max = -1",
+                "3:12",
+                "pids_max must be a number of processes",
             ),
         ];
         for (line, position, message) in cases {

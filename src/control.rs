@@ -164,6 +164,10 @@ pub struct StatusDoc {
     pub stopping: bool,
     pub last_deploy: Option<DeployDoc>,
     pub listeners: Vec<ListenerDoc>,
+    /// How generations are contained: "cgroup DIR" (each in `DIR/gen-N`)
+    /// or "process groups (why no cgroup)".
+    #[serde(default)]
+    pub containment: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,6 +181,24 @@ pub struct GenerationDoc {
     pub command: String,
     /// The application's own `STATUS=` text.
     pub status: Option<String>,
+    /// Its cgroup, when generations have one.
+    #[serde(default)]
+    pub cgroup: Option<String>,
+    /// Memory in use: its cgroup's `memory.current`, else the resident
+    /// set of its processes (of its main process without a cgroup).
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
+    /// CPU time used, in microseconds (its cgroup's, else its main
+    /// process's).
+    #[serde(default)]
+    pub cpu_usec: Option<u64>,
+    /// Processes in its cgroup.
+    #[serde(default)]
+    pub processes: Option<usize>,
+    /// Without a cgroup: its processes that left its process group
+    /// (setsid) and were adopted by baton; killed when it ends.
+    #[serde(default)]
+    pub escapees: Vec<i32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -214,6 +236,11 @@ impl StatusDoc {
                     ready_after_ms: g.ready_after.map(fractional_ms),
                     command: g.command,
                     status: g.status,
+                    cgroup: None,
+                    memory_bytes: None,
+                    cpu_usec: None,
+                    processes: None,
+                    escapees: Vec::new(),
                 })
                 .collect(),
             deploying: status.deploying,
@@ -230,6 +257,7 @@ impl StatusDoc {
                 .into_iter()
                 .map(|(name, address)| ListenerDoc { name, address })
                 .collect(),
+            containment: None,
         }
     }
 
@@ -237,8 +265,8 @@ impl StatusDoc {
     pub fn render(&self) -> String {
         let mut out = format!("baton pid {} ({})\n", self.pid, self.config);
         out += &format!(
-            "{:<6} {:<8} {:<9} {:>9} {:>9}  {}\n",
-            "GEN", "PID", "STATE", "AGE", "READY", "COMMAND"
+            "{:<6} {:<8} {:<9} {:>9} {:>9} {:>8} {:>8}  {}\n",
+            "GEN", "PID", "STATE", "AGE", "READY", "MEM", "CPU", "COMMAND"
         );
         for g in &self.generations {
             let pid = g.pid.map_or_else(|| "-".to_owned(), |p| p.to_string());
@@ -246,13 +274,19 @@ impl StatusDoc {
                 || "-".to_owned(),
                 |ms| secs(Duration::from_secs_f64(ms / 1000.0)),
             );
+            let memory = g.memory_bytes.map_or_else(|| "-".to_owned(), mebibytes);
+            let cpu = g
+                .cpu_usec
+                .map_or_else(|| "-".to_owned(), |us| secs(Duration::from_micros(us)));
             out += &format!(
-                "{:<6} {:<8} {:<9} {:>9} {:>9}  {}\n",
+                "{:<6} {:<8} {:<9} {:>9} {:>9} {:>8} {:>8}  {}\n",
                 g.generation,
                 pid,
                 g.state,
                 age(g.age_ms),
                 ready,
+                memory,
+                cpu,
                 g.command
             );
         }
@@ -263,6 +297,23 @@ impl StatusDoc {
             if let Some(status) = &g.status {
                 out += &format!("generation {} says: {status}\n", g.generation);
             }
+            if let (Some(cgroup), Some(n)) = (&g.cgroup, g.processes) {
+                out += &format!(
+                    "generation {}: cgroup {cgroup} ({n} processes)\n",
+                    g.generation
+                );
+            }
+            if !g.escapees.is_empty() {
+                let pids: Vec<String> = g.escapees.iter().map(i32::to_string).collect();
+                out += &format!(
+                    "generation {}: left its process group (killed when it ends): pids {}\n",
+                    g.generation,
+                    pids.join(" ")
+                );
+            }
+        }
+        if let Some(containment) = &self.containment {
+            out += &format!("containment: {containment}\n");
         }
         if let Some(ms) = self.restarting_in_ms {
             out += &format!("restarting in {:.1}s\n", ms as f64 / 1000.0);
@@ -294,6 +345,10 @@ impl StatusDoc {
         }
         out
     }
+}
+
+fn mebibytes(bytes: u64) -> String {
+    format!("{:.1}M", bytes as f64 / (1024.0 * 1024.0))
 }
 
 fn fractional_ms(d: Duration) -> f64 {

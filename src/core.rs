@@ -47,8 +47,16 @@ pub(crate) enum Event {
     },
     /// The shell started the process of `generation`. Always delivered
     /// before any `Exited` for that pid: the shell spawns synchronously and
-    /// feeds this back before it reaps anything.
-    Spawned { generation: u64, pid: Pid },
+    /// feeds this back before it reaps anything. `contained`: it runs in a
+    /// cgroup of its own, so it is gone only once `Emptied` says so.
+    Spawned {
+        generation: u64,
+        pid: Pid,
+        contained: bool,
+    },
+    /// The cgroup of `generation` holds no process any more (it may come
+    /// before the `Exited` of its main process, which is empty as a zombie).
+    Emptied { generation: u64 },
     /// The shell could not start `generation` (fork, chdir or exec failed).
     SpawnFailed { generation: u64, error: String },
     /// A child was reaped. Pids the core does not know are ignored.
@@ -144,6 +152,10 @@ struct Generation {
     state: State,
     /// The child's latest `STATUS=` text.
     status: Option<String>,
+    /// It runs in a cgroup of its own (see `Event::Spawned`).
+    contained: bool,
+    /// Its cgroup is empty (`Event::Emptied`).
+    emptied: bool,
 }
 
 impl Generation {
@@ -249,6 +261,10 @@ pub(crate) struct Supervisor {
     /// Successful deploys whose old generation still drains: their summary
     /// line is logged when it has exited.
     drain_watch: Vec<DrainWatch>,
+    /// Contained generations whose main process has exited and whose
+    /// cgroup still holds processes (killed, not yet gone), each with when
+    /// baton stops waiting for them.
+    ending: Vec<(u64, Instant)>,
     rng: fastrand::Rng,
 }
 
@@ -277,6 +293,7 @@ impl Supervisor {
             announced: false,
             last_deploy: None,
             drain_watch: Vec::new(),
+            ending: Vec::new(),
             rng: fastrand::Rng::with_seed(seed),
         };
         let mut actions = Vec::new();
@@ -289,7 +306,12 @@ impl Supervisor {
         let mut actions = Vec::new();
         match event {
             Event::Reload { config, waiter } => self.reload(config, waiter, now, &mut actions),
-            Event::Spawned { generation, pid } => self.spawned(generation, pid, &mut actions),
+            Event::Spawned {
+                generation,
+                pid,
+                contained,
+            } => self.spawned(generation, pid, contained, &mut actions),
+            Event::Emptied { generation } => self.emptied(generation, &mut actions),
             Event::SpawnFailed { generation, error } => {
                 if self.is_candidate(generation) {
                     self.fail_candidate(Failure::SpawnFailed(error), now, &mut actions);
@@ -319,9 +341,11 @@ impl Supervisor {
             .draining
             .iter()
             .filter_map(|g| g.drain_deadline().or(g.give_up_deadline()));
+        let ending = self.ending.iter().map(|&(_, at)| at);
         candidate
             .into_iter()
             .chain(draining)
+            .chain(ending)
             .chain(self.restart_at)
             .min()
     }
@@ -398,6 +422,9 @@ impl Supervisor {
         {
             actions.push(Action::Notice(Notice::ControlChangeDeferred));
         }
+        if self.frozen.app.cgroup != config.app.cgroup {
+            actions.push(Action::Notice(Notice::CgroupChangeDeferred));
+        }
         Ok(config)
     }
 
@@ -462,17 +489,20 @@ impl Supervisor {
                     ready_at,
                 },
                 status: None,
+                contained: false,
+                emptied: false,
             },
             kind,
             waiters,
         });
     }
 
-    fn spawned(&mut self, id: u64, pid: Pid, actions: &mut Vec<Action>) {
+    fn spawned(&mut self, id: u64, pid: Pid, contained: bool, actions: &mut Vec<Action>) {
         let Some(candidate) = self.candidate.as_mut().filter(|c| c.generation.id == id) else {
             return;
         };
         candidate.generation.pid = Some(pid);
+        candidate.generation.contained = contained;
         actions.push(Action::Notice(Notice::Started {
             generation: id,
             pid: pid.as_raw(),
@@ -485,6 +515,36 @@ impl Supervisor {
                     pid,
                 },
             ));
+        }
+    }
+
+    /// A generation's cgroup is empty: an ending one is gone; a live one
+    /// (its main process a zombie not yet reaped) is gone at its exit.
+    fn emptied(&mut self, id: u64, actions: &mut Vec<Action>) {
+        if let Some(i) = self.ending.iter().position(|&(g, _)| g == id) {
+            self.ending.remove(i);
+            actions.push(Action::Notice(Notice::Gone { generation: id }));
+            return;
+        }
+        let live = self
+            .current
+            .iter_mut()
+            .chain(self.candidate.iter_mut().map(|c| &mut c.generation))
+            .chain(self.draining.iter_mut())
+            .find(|g| g.id == id);
+        if let Some(g) = live {
+            g.emptied = true;
+        }
+    }
+
+    /// The main process of `g` has exited and `g` leaves the core's roles:
+    /// a contained generation whose cgroup still holds processes ends only
+    /// when it is empty (or baton gives up on it).
+    fn ended(&mut self, g: &Generation, now: Instant, actions: &mut Vec<Action>) {
+        if g.contained && !g.emptied {
+            self.ending.push((g.id, deadline(now, KILL_GRACE)));
+        } else if g.contained {
+            actions.push(Action::Notice(Notice::Gone { generation: g.id }));
         }
     }
 
@@ -652,11 +712,14 @@ impl Supervisor {
             // queue: stop it like a draining generation.
             (Failure::NotReady(_), Some(_)) => self.drain(generation, now, actions),
             // Exited: clean up whatever it left in its process group.
-            (Failure::Exited(_), Some(pid)) => actions.push(Action::Kill {
-                generation: id,
-                pid,
-                leader: false,
-            }),
+            (Failure::Exited(_), Some(pid)) => {
+                actions.push(Action::Kill {
+                    generation: id,
+                    pid,
+                    leader: false,
+                });
+                self.ended(&generation, now, actions);
+            }
             _ => {}
         }
         let serving = self.current.as_ref().map(|g| g.id);
@@ -780,6 +843,7 @@ impl Supervisor {
                 pid,
                 leader: false,
             });
+            self.ended(&g, now, actions);
             return;
         }
         if let Some(g) = self.current.take_if(|g| g.pid == Some(pid)) {
@@ -793,6 +857,7 @@ impl Supervisor {
                 pid,
                 leader: false,
             });
+            self.ended(&g, now, actions);
             let stable = match g.state {
                 State::Ready { since, .. } => now - since >= g.config.restart.backoff_max,
                 _ => false,
@@ -843,6 +908,15 @@ impl Supervisor {
             }));
         }
         self.draining.retain(|g| !given_up(g));
+        let (gone, ending): (Vec<_>, Vec<_>) = self.ending.iter().partition(|&&(_, at)| at <= now);
+        self.ending = ending;
+        for (generation, _) in gone {
+            actions.push(Action::Notice(Notice::GivenUp {
+                generation,
+                pid: None,
+                waited: KILL_GRACE,
+            }));
+        }
         if self.restart_at.is_some_and(|t| t <= now) && self.candidate.is_none() {
             self.restart_at = None;
             let config = self.serving_config.clone();
@@ -891,7 +965,8 @@ impl Supervisor {
     }
 
     fn exit_if_done(&mut self, actions: &mut Vec<Action>) {
-        if matches!(self.mode, Mode::Stopping { .. }) && self.generations().next().is_none() {
+        let none_left = self.generations().next().is_none() && self.ending.is_empty();
+        if matches!(self.mode, Mode::Stopping { .. }) && none_left {
             actions.push(Action::Notice(Notice::AllExited));
             self.mode = Mode::Exited;
             actions.push(Action::Exit(0));
@@ -1048,6 +1123,7 @@ backoff_max = "1s"
             h.on(Event::Spawned {
                 generation: 1,
                 pid: pid(100),
+                contained: false,
             });
             h.on(ready(100));
             h
@@ -1169,6 +1245,7 @@ backoff_max = "1s"
         h.on(Event::Spawned {
             generation: 1,
             pid: pid(100),
+            contained: false,
         });
         let actions = h.at(ms(40)).on(ready(100));
         assert_eq!(
@@ -1189,6 +1266,7 @@ backoff_max = "1s"
         let actions = h.on(Event::Spawned {
             generation: 2,
             pid: pid(200),
+            contained: false,
         });
         assert_eq!(
             actions,
@@ -1241,6 +1319,7 @@ backoff_max = "1s"
         h.on(Event::Spawned {
             generation: 2,
             pid: pid(200),
+            contained: false,
         });
         let actions = h.on(exited(200, 3));
         assert_eq!(
@@ -1267,6 +1346,7 @@ backoff_max = "1s"
         h.on(Event::Spawned {
             generation: 2,
             pid: pid(200),
+            contained: false,
         });
         assert_eq!(h.s.next_deadline(), Some(h.t0 + ms(6000)));
         assert!(h.at(ms(5999)).on(Event::Tick).is_empty());
@@ -1319,6 +1399,7 @@ backoff_max = "1s"
         h.on(Event::Spawned {
             generation: 2,
             pid: pid(200),
+            contained: false,
         });
         for waiter in [2, 3] {
             let actions = h.reload(Some(waiter));
@@ -1339,6 +1420,7 @@ backoff_max = "1s"
         h.on(Event::Spawned {
             generation: 3,
             pid: pid(300),
+            contained: false,
         });
         let actions = h.on(ready(300));
         assert!(done(&actions, 2).unwrap().succeeded());
@@ -1354,6 +1436,7 @@ backoff_max = "1s"
         h.on(Event::Spawned {
             generation: 2,
             pid: pid(200),
+            contained: false,
         });
         let actions = h.on(Event::Stop { fast: false });
         assert_eq!(actions[0], Action::Upstream(Upstream::Stopping));
@@ -1364,6 +1447,106 @@ backoff_max = "1s"
         assert_eq!(done(&actions, 2), Some(&Outcome::Cancelled));
         assert!(!h.on(exited(100, 0)).contains(&Action::Exit(0)));
         assert_eq!(h.on(exited(200, 0)), [cleanup(200), Action::Exit(0)]);
+    }
+
+    /// Generation 1 as pid 100 in a cgroup of its own, ready.
+    fn serving_contained() -> Harness {
+        let (mut h, _) = Harness::with(BASE);
+        h.on(Event::Spawned {
+            generation: 1,
+            pid: pid(100),
+            contained: true,
+        });
+        h.on(ready(100));
+        h.take_notices();
+        h
+    }
+
+    /// Issue 8: with cgroups, a generation is gone only when its cgroup is
+    /// empty: what its main process left behind (a setsid'd grandchild)
+    /// keeps `stop` waiting until the cgroup's kill has emptied it.
+    #[test]
+    fn contained_generation_is_gone_when_its_cgroup_is_empty() {
+        let mut h = serving_contained();
+        h.on(Event::Stop { fast: false });
+        // The main process exits; its leftovers are killed, not yet gone.
+        assert_eq!(h.on(exited(100, 0)), [cleanup(100)]);
+        assert_eq!(h.s.next_deadline(), Some(h.t0 + KILL_GRACE));
+        assert!(h.at(ms(10)).on(Event::Tick).is_empty());
+        h.take_notices();
+        assert_eq!(h.on(Event::Emptied { generation: 1 }), [Action::Exit(0)]);
+        assert_eq!(
+            h.take_notices(),
+            [Notice::Gone { generation: 1 }, Notice::AllExited]
+        );
+    }
+
+    /// The cgroup may empty before the main process (a zombie) is reaped.
+    #[test]
+    fn cgroup_emptied_before_the_exit_is_reaped() {
+        let mut h = serving_contained();
+        h.on(Event::Stop { fast: false });
+        h.take_notices();
+        assert!(h.on(Event::Emptied { generation: 1 }).is_empty());
+        assert_eq!(h.on(exited(100, 0)), [cleanup(100), Action::Exit(0)]);
+        assert_eq!(
+            h.take_notices(),
+            [
+                Notice::Exited {
+                    generation: 1,
+                    pid: 100,
+                    status: ExitStatus::Code(0)
+                },
+                Notice::Gone { generation: 1 },
+                Notice::AllExited
+            ]
+        );
+    }
+
+    /// A cgroup that never empties (a process stuck in the kernel) is given
+    /// up on after the grace: stop always finishes.
+    #[test]
+    fn stop_finishes_when_a_cgroup_never_empties() {
+        let mut h = serving_contained();
+        h.on(Event::Stop { fast: true });
+        h.on(Event::Exited {
+            pid: pid(100),
+            status: ExitStatus::Signal(Signal::SIGKILL),
+        });
+        h.take_notices();
+        assert_eq!(h.at(KILL_GRACE).on(Event::Tick), [Action::Exit(0)]);
+        assert_eq!(
+            h.take_notices(),
+            [
+                Notice::GivenUp {
+                    generation: 1,
+                    pid: None,
+                    waited: KILL_GRACE
+                },
+                Notice::AllExited
+            ]
+        );
+    }
+
+    /// A crashed or failed contained generation is cleaned up beside the
+    /// next one, which does not wait for it.
+    #[test]
+    fn crash_of_a_contained_generation_restarts_at_once() {
+        let mut h = serving_contained();
+        assert_eq!(
+            h.on(exited(100, 1)),
+            [
+                cleanup(100),
+                Action::Upstream(Upstream::Status(
+                    "generation 1 exited with code 1; restarting".into()
+                ))
+            ]
+        );
+        let restart = h.s.next_deadline().unwrap();
+        assert!(restart < h.t0 + KILL_GRACE);
+        assert_eq!(spawns(&h.at(restart - h.t0).on(Event::Tick)), [2]);
+        h.on(Event::Emptied { generation: 1 });
+        assert!(h.take_notices().contains(&Notice::Gone { generation: 1 }));
     }
 
     #[test]
@@ -1393,6 +1576,7 @@ backoff_max = "1s"
         h.on(Event::Spawned {
             generation: 2,
             pid: pid(200),
+            contained: false,
         });
         h.at(ms(500)).on(ready(200));
         assert_eq!(h.s.next_deadline(), Some(h.t0 + ms(10_500)));
@@ -1449,6 +1633,7 @@ backoff_max = "1s"
             h.on(Event::Spawned {
                 generation,
                 pid: pid(last_pid),
+                contained: false,
             });
             // It crashes again before becoming ready.
             h.on(exited(last_pid, 1));
@@ -1460,6 +1645,7 @@ backoff_max = "1s"
         h.on(Event::Spawned {
             generation: 8,
             pid: pid(800),
+            contained: false,
         });
         let actions = h.on(ready(800));
         assert!(actions.contains(&Action::Upstream(Upstream::Status(
@@ -1479,6 +1665,7 @@ backoff_max = "1s"
         h.on(Event::Spawned {
             generation: 2,
             pid: pid(200),
+            contained: false,
         });
         let actions = h.on(ready(200));
         assert!(done(&actions, 1).unwrap().succeeded());
@@ -1513,6 +1700,7 @@ backoff_max = "1s"
         h.on(Event::Spawned {
             generation: 2,
             pid: pid(200),
+            contained: false,
         });
         let actions = h.on(exited(200, 3));
         assert!(
@@ -1538,6 +1726,7 @@ backoff_max = "1s"
         h.on(Event::Spawned {
             generation: 2,
             pid: pid(200),
+            contained: false,
         });
         h.take_notices();
         assert!(h.on(ready(999)).is_empty());
@@ -1581,6 +1770,7 @@ backoff_max = "1s"
         h.on(Event::Spawned {
             generation: 1,
             pid: pid(100),
+            contained: false,
         });
         let actions = h.on(Event::Reload {
             config: Err("app.toml:3:1: bad".into()),
@@ -1627,6 +1817,7 @@ backoff_max = "1s"
         h.on(Event::Spawned {
             generation: 1,
             pid: pid(100),
+            contained: false,
         });
         h.on(ready(100));
         let moved = config(&format!("{}{BASE}", listen.replace("8080", "8081")));
@@ -1670,6 +1861,7 @@ backoff_max = "1s"
         h.on(Event::Spawned {
             generation: 2,
             pid: pid(200),
+            contained: false,
         });
         let actions = h.on(ready(200));
         assert!(
@@ -1686,6 +1878,7 @@ backoff_max = "1s"
         h.on(Event::Spawned {
             generation: 2,
             pid: pid(200),
+            contained: false,
         });
         h.at(ms(1300)).on(ready(200));
         h.at(ms(1350)).on(exited(100, 0));
@@ -1748,6 +1941,7 @@ backoff_max = "1s"
         h.on(Event::Spawned {
             generation: 1,
             pid: pid(100),
+            contained: false,
         });
         assert_eq!(h.s.next_deadline(), Some(h.t0 + ms(1000)));
         let actions = h.at(ms(1000)).on(Event::Tick);
@@ -1774,6 +1968,7 @@ backoff_max = "1s"
             Event::Spawned {
                 generation: 1,
                 pid: pid(100),
+                contained: false,
             },
             t0,
         );
@@ -1799,6 +1994,7 @@ backoff_max = "1s"
             h.on(Event::Spawned {
                 generation: n as u64,
                 pid: pid(n * 100),
+                contained: false,
             });
             for a in h.on(ready(n * 100)) {
                 if let Action::Kill { pid, .. } = a {

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
+use std::os::fd::AsFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
+use crate::cgroup::{Containment, Watcher};
 use crate::config::{notify_socket_for, Config, ConfigError};
 use crate::control::{encode, parse_request, Reply, Request, StatusDoc, MAX_REQUEST};
 use crate::core::{Action, Event, ExitStatus, Supervisor, Waiter, WaiterId};
@@ -94,7 +96,7 @@ pub struct Options {
 /// Runs the daemon until it is stopped. Returns the exit code.
 pub fn run(config_path: &Path, options: Options) -> Result<i32, DaemonError> {
     let config = Arc::new(Config::load(config_path)?);
-    runnable(&config).map_err(DaemonError::Unrunnable)?;
+    runnable(&config, None).map_err(DaemonError::Unrunnable)?;
     // Orphans of the application (a daemonizing helper, say) are
     // reparented to baton instead of init, and reaped by its reaper: no
     // zombies, even when baton is PID 1 of an appliance image (where this
@@ -115,11 +117,24 @@ pub fn run(config_path: &Path, options: Options) -> Result<i32, DaemonError> {
         .collect();
     let control_path = config.control_socket.clone();
     let control = bind_control(&config)?;
-    let listeners = match Listeners::open(&config) {
-        Ok(listeners) => listeners,
+    // After the control socket: a second baton on this config is told so,
+    // not that the first one's cgroups hold processes.
+    let containment = Containment::open(&config.app.cgroup, &config.app.cgroup_limits)
+        .map_err(DaemonError::Unrunnable);
+    let opened = containment.and_then(|c| match Listeners::open(&config) {
+        Ok(listeners) => Ok((c, listeners)),
+        Err(e) => {
+            if let Some(cgroups) = c.cgroups() {
+                cgroups.close();
+            }
+            Err(e.into())
+        }
+    });
+    let (containment, listeners) = match opened {
+        Ok(opened) => opened,
         Err(e) => {
             let _ = std::fs::remove_file(&control_path);
-            return Err(e.into());
+            return Err(e);
         }
     };
     if let Some(upstream) = upstream.as_ref().filter(|_| fd_store) {
@@ -139,8 +154,19 @@ pub fn run(config_path: &Path, options: Options) -> Result<i32, DaemonError> {
             path: notify_path.clone(),
             source,
         })?;
+        let watcher = match containment.cgroups() {
+            None => None,
+            Some(_) => Some(
+                Watcher::new()
+                    .and_then(crate::sys::register_watcher)
+                    .map_err(DaemonError::Runtime)?,
+            ),
+        };
         let mut shell = Shell {
             supervisor: None,
+            containment,
+            watcher,
+            unremoved: Vec::new(),
             config_path: config.path.clone(),
             control_group: config.control_group.as_ref().map(|g| g.gid),
             listeners,
@@ -162,6 +188,9 @@ pub fn run(config_path: &Path, options: Options) -> Result<i32, DaemonError> {
         };
         let code = shell.run(config.clone(), control).await;
         shell.listeners.remove_files();
+        if let Some(cgroups) = shell.containment.cgroups() {
+            cgroups.close();
+        }
         let _ = std::fs::remove_file(&control_path);
         let _ = std::fs::remove_file(&notify_path);
         Ok(code)
@@ -206,16 +235,32 @@ fn bind_control(config: &Config) -> Result<std::os::unix::net::UnixListener, Dae
     ))
 }
 
-/// What a valid file may still ask of this baton that it cannot do.
-fn runnable(config: &Config) -> Result<(), String> {
+/// What a valid file may still ask of this baton that it cannot do; with
+/// the `containment` a running baton has, the cgroup limits too (and the
+/// controllers they need are enabled).
+fn runnable(config: &Config, containment: Option<&Containment>) -> Result<(), String> {
     let me = nix::unistd::geteuid();
-    match &config.app.user {
-        Some(user) if !me.is_root() && user.uid != me.as_raw() => Err(format!(
-            "{}: [app] user = \"{}\" needs baton to run as root (it runs as uid {me}); \
-             remove the setting or start baton as root",
+    if let Some(user) = &config.app.user {
+        if !me.is_root() && user.uid != me.as_raw() {
+            return Err(format!(
+                "{}: [app] user = \"{}\" needs baton to run as root (it runs as uid {me}); \
+                 remove the setting or start baton as root",
+                config.path.display(),
+                user.name
+            ));
+        }
+    }
+    let limits = &config.app.cgroup_limits;
+    match containment {
+        Some(Containment::ProcessGroups(why)) if !limits.is_empty() => Err(format!(
+            "{}: [app] {} needs a cgroup, and this baton runs without one ({why}); \
+             restart baton with a cgroup to use it",
             config.path.display(),
-            user.name
+            limits[0].key
         )),
+        Some(Containment::Cgroups(cgroups)) => cgroups
+            .enable(limits)
+            .map_err(|e| format!("{}: {e}", config.path.display())),
         _ => Ok(()),
     }
 }
@@ -312,6 +357,13 @@ struct ControlCommand {
 struct Shell {
     /// Set once the loop's event sources exist (the first spawn needs them).
     supervisor: Option<Supervisor>,
+    /// Cgroups per generation, or process groups (fixed at start).
+    containment: Containment,
+    /// Which generations' cgroups changed; with cgroups only.
+    watcher: Option<tokio::io::unix::AsyncFd<Watcher>>,
+    /// Emptied generation cgroups whose removal failed (a dying process
+    /// still counted); tried again as processes are reaped.
+    unremoved: Vec<u64>,
     /// The file a reload re-reads. The core owns every config read from it.
     config_path: PathBuf,
     /// `[control] group` as the control socket was made at start: a
@@ -368,6 +420,17 @@ impl Shell {
                 adopted_fd,
             });
         }
+        let containment = match &self.containment {
+            Containment::Cgroups(c) => Notice::Containment {
+                cgroup: Some(c.base().display().to_string()),
+                reason: None,
+            },
+            Containment::ProcessGroups(why) => Notice::Containment {
+                cgroup: None,
+                reason: Some(why.clone()),
+            },
+        };
+        self.notice(containment);
         let (supervisor, actions) = Supervisor::new(config, Instant::now(), seed);
         self.supervisor = Some(supervisor);
         self.execute(actions);
@@ -438,6 +501,13 @@ impl Shell {
                     let ended: Vec<(u64, Pid)> = self.ended.iter().map(|&(g, p, _)| (g, p)).collect();
                     self.kill_escapees(&ended);
                 }
+                changed = async { self.watcher.as_mut().expect("checked").readable_mut().await }, if self.watcher.is_some() => {
+                    if let Ok(mut guard) = changed {
+                        let generations = guard.get_inner_mut().changed();
+                        guard.clear_ready();
+                        self.cgroups_changed(&generations);
+                    }
+                }
                 _ = async { watchdog.as_mut().expect("checked").tick().await }, if watchdog.is_some() => {
                     if let Some(upstream) = &self.upstream {
                         upstream.send_text("WATCHDOG=1");
@@ -473,6 +543,33 @@ impl Shell {
             self.event(Event::Exited { pid, status });
             self.check_listeners();
         }
+        self.remove_cgroups();
+    }
+
+    /// Generations whose cgroup changed: those now empty are gone (their
+    /// cgroup is removed).
+    fn cgroups_changed(&mut self, generations: &[u64]) {
+        let Some(cgroups) = self.containment.cgroups() else {
+            return;
+        };
+        let emptied: Vec<u64> = generations
+            .iter()
+            .copied()
+            .filter(|&g| cgroups.populated(g) != Some(true))
+            .collect();
+        for generation in emptied {
+            self.unremoved.push(generation);
+            self.event(Event::Emptied { generation });
+        }
+        self.remove_cgroups();
+    }
+
+    /// Removes the emptied generation cgroups (rmdir fails while the
+    /// kernel still counts a dying process: tried again later).
+    fn remove_cgroups(&mut self) {
+        if let Some(cgroups) = self.containment.cgroups() {
+            self.unremoved.retain(|&g| !cgroups.remove(g));
+        }
     }
 
     /// Re-reads the config file and hands it, or why it is unusable, to
@@ -480,7 +577,7 @@ impl Shell {
     fn reload(&mut self, waiter: Option<(mpsc::UnboundedSender<Reply>, bool)>) {
         let config = Config::load(&self.config_path)
             .map_err(|e| e.to_string())
-            .and_then(|c| runnable(&c).map(|()| Arc::new(c)));
+            .and_then(|c| runnable(&c, Some(&self.containment)).map(|()| Arc::new(c)));
         let waiter = waiter.map(|(reply, follows)| {
             let id = self.next_waiter;
             self.next_waiter += 1;
@@ -608,7 +705,8 @@ impl Shell {
                 let listeners = listeners
                     .map(|(name, address, _)| (name, address))
                     .collect();
-                let doc = StatusDoc::new(status, &self.config_path, listeners);
+                let mut doc = StatusDoc::new(status, &self.config_path, listeners);
+                self.describe_processes(&mut doc);
                 let _ = reply.send(Reply::Status(doc));
             }
             Request::Stop => {
@@ -624,6 +722,46 @@ impl Shell {
         }
     }
 
+    /// What `status` shows beyond the core's view: how generations are
+    /// contained, and each one's memory, CPU, cgroup or escapees.
+    fn describe_processes(&self, doc: &mut crate::control::StatusDoc) {
+        use crate::cgroup::Usage;
+        doc.containment = Some(match &self.containment {
+            Containment::Cgroups(c) => format!("cgroup {}", c.base().display()),
+            Containment::ProcessGroups(why) => format!("process groups ({why})"),
+        });
+        let leaders: Vec<(u64, Pid)> = doc
+            .generations
+            .iter()
+            .filter_map(|g| Some((g.generation, Pid::from_raw(g.pid?))))
+            .collect();
+        let cgroups = self.containment.cgroups();
+        let escaped = match cgroups {
+            Some(_) => Vec::new(),
+            None => escapees(&leaders),
+        };
+        for g in &mut doc.generations {
+            let usage = match (cgroups, g.pid) {
+                (Some(cgroups), _) => {
+                    g.cgroup = Some(cgroups.dir(g.generation).display().to_string());
+                    Some(cgroups.usage(g.generation))
+                }
+                (None, Some(pid)) => Some(Usage::of_process(pid as u32)),
+                (None, None) => None,
+            };
+            if let Some(usage) = usage {
+                g.memory_bytes = usage.memory_bytes;
+                g.cpu_usec = usage.cpu_usec;
+                g.processes = cgroups.map(|_| usage.processes);
+            }
+            g.escapees = escaped
+                .iter()
+                .filter(|(generation, _)| *generation == g.generation)
+                .map(|(_, pid)| pid.as_raw())
+                .collect();
+        }
+    }
+
     /// Carries out actions in order; a spawn's result goes straight back
     /// into the core, and its actions join the queue.
     fn execute(&mut self, actions: Vec<Action>) {
@@ -633,7 +771,11 @@ impl Shell {
                 Action::Spawn { generation, config } => {
                     self.check_listeners();
                     let event = match self.spawn(generation, &config) {
-                        Ok(pid) => Event::Spawned { generation, pid },
+                        Ok(pid) => Event::Spawned {
+                            generation,
+                            pid,
+                            contained: self.containment.cgroups().is_some(),
+                        },
                         Err(e) => Event::SpawnFailed {
                             generation,
                             error: e.to_string(),
@@ -651,13 +793,18 @@ impl Shell {
                     pid,
                     leader,
                 } => {
+                    // Everything in its cgroup, whatever its group or parent.
+                    let cgroups = self.containment.cgroups();
+                    if let Some(cgroups) = cgroups {
+                        cgroups.kill(generation);
+                    }
                     // ESRCH: the group is already empty, the usual case.
                     let _ = killpg(pid, Signal::SIGKILL);
                     // A leader that moved to another group is not in its
                     // own any more.
                     if leader {
                         let _ = kill(pid, Signal::SIGKILL);
-                    } else {
+                    } else if cgroups.is_none() {
                         // Its main process is gone: what of it is left are
                         // escapees, now and as their parents die.
                         self.ended.push_back((generation, pid, Instant::now()));
@@ -665,7 +812,9 @@ impl Shell {
                             self.ended.pop_front();
                         }
                     }
-                    self.kill_escapees(&[(generation, pid)]);
+                    if self.containment.cgroups().is_none() {
+                        self.kill_escapees(&[(generation, pid)]);
+                    }
                 }
                 Action::Progress { waiter, progress } => {
                     let last = progress.is_final();
@@ -731,7 +880,20 @@ impl Shell {
                 .iter()
                 .map(|l| (resource(l.resource), l.value, l.value)),
         );
-        spawn::spawn(&spawn::Command {
+        // Its cgroup, made and watched before the child exists: nothing it
+        // starts can be outside, and its emptiness cannot be missed.
+        let cgroup = match self.containment.cgroups() {
+            None => None,
+            Some(cgroups) => {
+                let procs = cgroups.create(generation, &config.app.cgroup_limits)?;
+                let dir = cgroups.dir(generation);
+                if let Some(watcher) = self.watcher.as_mut() {
+                    watcher.get_mut().watch(generation, &dir)?;
+                }
+                Some((procs, dir))
+            }
+        };
+        let spawned = spawn::spawn(&spawn::Command {
             argv: &config.app.command,
             env,
             workdir: config.app.workdir.as_deref(),
@@ -739,7 +901,14 @@ impl Shell {
             user,
             umask: config.app.umask,
             limits,
-        })
+            cgroup: cgroup.as_ref().map(|(fd, dir)| (fd.as_fd(), dir.as_path())),
+        });
+        if spawned.is_err() {
+            if let Some(cgroups) = self.containment.cgroups() {
+                let _ = cgroups.remove(generation);
+            }
+        }
+        spawned
     }
 }
 

@@ -22,15 +22,16 @@
 //!    coalesced into one follow-up deploy, never dropped and never run in
 //!    parallel.
 //! 5. Every wait has a deadline; every child that outlives its deadline is
-//!    killed and named in the log.
+//!    killed and named in the log. With a cgroup per generation, "killed"
+//!    means everything in its cgroup, and "gone" means the cgroup is empty.
 //! 6. The supervisor never sits in the data path: children accept from the
 //!    kernel directly.
 //!
 //! # Module map
 //!
 //! Dependencies point down this list; nothing below `daemon` does IO of
-//! its own except `sockets`, `notify`, `spawn` and `sys`, which the daemon
-//! drives.
+//! its own except `sockets`, `notify`, `cgroup`, `spawn` and `sys`, which
+//! the daemon drives.
 //!
 //! - `main.rs` (the `baton` binary): the CLI; prints errors once and maps
 //!   them to exit codes. Uses [`config`], [`control`] and [`daemon`].
@@ -52,6 +53,8 @@
 //!   baton's own service manager.
 //! - `sockets`: the listeners baton owns: bound (socket2) or adopted from
 //!   systemd by name.
+//! - `cgroup`: a cgroup v2 directory per generation (made, limited,
+//!   killed, watched until empty), where one is usable.
 //! - `spawn`: starting a generation's process (prepare, fork/exec, read the
 //!   exec report).
 //! - `sys`: every `unsafe` block: the child side of fork/exec, and taking
@@ -64,6 +67,7 @@
 
 #![warn(unreachable_pub)]
 
+mod cgroup;
 pub mod config;
 pub mod control;
 mod core;

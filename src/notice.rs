@@ -144,6 +144,15 @@ pub enum Notice {
     },
     /// `[control]` changed in the file; it takes effect at restart.
     ControlChangeDeferred,
+    /// `[app] cgroup` changed in the file; it takes effect at restart.
+    CgroupChangeDeferred,
+    /// How generations are contained, decided at start: each in a cgroup
+    /// of its own under `cgroup`, or by process group (`reason`: why no
+    /// cgroup).
+    Containment {
+        cgroup: Option<String>,
+        reason: Option<String>,
+    },
     /// A reload arrived during a deploy: it follows as one more deploy.
     ReloadQueued,
     /// A generation is being started (its pid follows in `Started`).
@@ -206,6 +215,11 @@ pub enum Notice {
         pid: Option<i32>,
         #[serde(rename = "waited_ms", with = "millis")]
         waited: Duration,
+    },
+    /// Every process of a contained `generation` has exited: its cgroup
+    /// is empty.
+    Gone {
+        generation: u64,
     },
     /// A process that left `generation`'s process group (setsid) and
     /// outlived it was killed.
@@ -308,6 +322,7 @@ impl Notice {
             ControlRefused { .. }
             | ControlAcceptPaused { .. }
             | ControlChangeDeferred
+            | CgroupChangeDeferred
             | RestartScheduled { .. }
             | DrainTimedOut { .. }
             | TooManyDraining { .. }
@@ -347,6 +362,7 @@ impl Notice {
             | DrainTimedOut { generation, .. }
             | TooManyDraining { generation, .. }
             | GivenUp { generation, .. }
+            | Gone { generation }
             | EscapeeKilled { generation, .. }
             | AppStatus { generation, .. }
             | AppStopping { generation }
@@ -423,6 +439,20 @@ impl fmt::Display for Notice {
             ControlChangeDeferred => {
                 f.write_str("[control] changes take effect when baton restarts")
             }
+            CgroupChangeDeferred => {
+                f.write_str("[app] cgroup changes take effect when baton restarts")
+            }
+            Containment {
+                cgroup: Some(base), ..
+            } => write!(
+                f,
+                "each generation runs in a cgroup of its own under {base}"
+            ),
+            Containment { reason, .. } => write!(
+                f,
+                "generations are contained by process group, not cgroup ({})",
+                reason.as_deref().unwrap_or("no cgroup")
+            ),
             ReloadQueued => f.write_str("reload requested during a deploy: queued to follow it"),
             Starting { generation, .. } => write!(f, "starting generation {generation}"),
             Started { generation, pid } => {
@@ -476,6 +506,20 @@ impl fmt::Display for Notice {
                  killing its process group",
                 pid.map_or_else(|| "?".to_owned(), |p| p.to_string()),
                 secs(*timeout)
+            ),
+            GivenUp {
+                generation,
+                pid: None,
+                waited,
+            } => write!(
+                f,
+                "generation {generation}: processes still in its cgroup {} after SIGKILL: no \
+                 longer waiting for them (stuck in the kernel?); check its cgroup.procs",
+                secs(*waited)
+            ),
+            Gone { generation } => write!(
+                f,
+                "generation {generation} is gone: its cgroup holds no process"
             ),
             GivenUp {
                 generation,

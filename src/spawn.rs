@@ -41,6 +41,9 @@ pub(crate) struct Command<'a> {
     /// Resource limits for the child, in order (a later one for the same
     /// resource wins).
     pub limits: Vec<(Resource, Option<u64>, Option<u64>)>,
+    /// The generation's cgroup: its `cgroup.procs`, open for writing, and
+    /// its path for messages.
+    pub cgroup: Option<(BorrowedFd<'a>, &'a Path)>,
 }
 
 /// A resource of setrlimit(2), for [`Command::limits`].
@@ -61,6 +64,8 @@ pub(crate) enum SpawnError {
         if *errno == Errno::EPERM { " (baton must run as root to start children as another user)" } else { "" }
     )]
     User { user: String, errno: Errno },
+    #[error("cannot move the child into its cgroup {}: {errno}", dir.display())]
+    Cgroup { dir: PathBuf, errno: Errno },
     #[error("[app] command is empty: name the program to run")]
     EmptyCommand,
     #[error("argument or environment contains a NUL byte")]
@@ -109,6 +114,7 @@ pub(crate) fn spawn(cmd: &Command) -> Result<Pid, SpawnError> {
             groups: &u.groups,
         }),
         max_fd: prepared.max_fd,
+        cgroup_procs: cmd.cgroup.map(|(fd, _)| fd),
     };
     let pid = sys::fork_exec(&mut prepared.image, &setup).map_err(fork_error)?;
     // Ours must be closed too, or the read below never sees EOF.
@@ -230,6 +236,10 @@ fn read_exec_report(pid: Pid, report: &OwnedFd, cmd: &Command) -> Result<Pid, Sp
             user: cmd.user.map(|u| u.name.clone()).unwrap_or_default(),
             errno,
         },
+        Stage::Cgroup => SpawnError::Cgroup {
+            dir: cmd.cgroup.map(|(_, d)| d.to_owned()).unwrap_or_default(),
+            errno,
+        },
     })
 }
 
@@ -291,6 +301,7 @@ mod tests {
             user: None,
             umask: None,
             limits: Vec::new(),
+            cgroup: None,
         })
         .unwrap_err();
         assert!(matches!(err, SpawnError::EmptyCommand), "{err:?}");

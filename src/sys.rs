@@ -1,5 +1,6 @@
 //! Every `unsafe` block of baton, and the raw fds they touch: the child side
-//! of fork/exec, and taking ownership of fds received over a socket.
+//! of fork/exec, taking ownership of fds received over a socket, and
+//! registering the cgroup watcher's fd with tokio.
 //! Everywhere else, fds are held as `OwnedFd`/`BorrowedFd`.
 //!
 //! Between `fork` and `execve` the child makes raw, async-signal-safe
@@ -125,6 +126,10 @@ pub(crate) struct ChildSetup<'a> {
     /// Upper bound of open fds (RLIMIT_NOFILE, capped), for the fallback
     /// that marks fds CLOEXEC one by one.
     pub max_fd: RawFd,
+    /// The `cgroup.procs` file of the generation's cgroup, open for
+    /// writing: the child moves itself there first of all, so everything
+    /// it ever starts is inside. Borrowed; CLOEXEC.
+    pub cgroup_procs: Option<BorrowedFd<'a>>,
 }
 
 /// setrlimit(2)'s resource argument: glibc declares an enum type, musl an
@@ -157,6 +162,8 @@ pub(crate) enum Stage {
     Limits = 6,
     /// Becoming `[app] user` (setgroups, setgid, setuid).
     User = 7,
+    /// Moving into the generation's cgroup (writing `cgroup.procs`).
+    Cgroup = 8,
 }
 
 /// Length of the one record the child writes on the exec-report pipe when
@@ -182,6 +189,7 @@ pub(crate) fn decode_report(record: [u8; REPORT_LEN]) -> (Stage, Errno) {
         5 => Stage::SignalMask,
         6 => Stage::Limits,
         7 => Stage::User,
+        8 => Stage::Cgroup,
         _ => Stage::Dup,
     };
     (stage, Errno::from_raw(i32::from_ne_bytes([e0, e1, e2, e3])))
@@ -297,6 +305,13 @@ unsafe fn exec_child(
             libc::write(report, record.as_ptr().cast(), record.len());
             libc::_exit(127)
         };
+        // Into the cgroup before anything else (and before the fd shuffle
+        // below could overwrite this fd): "0" is the writing process.
+        if let Some(procs) = setup.cgroup_procs {
+            if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                fail(Stage::Cgroup);
+            }
+        }
         let devnull = libc::fcntl(setup.stdin.as_raw_fd(), libc::F_DUPFD_CLOEXEC, floor);
         if devnull < 0 || libc::dup2(devnull, 0) < 0 {
             fail(Stage::Dup);
@@ -434,6 +449,20 @@ pub(crate) fn recv_with_fds(socket: BorrowedFd<'_>, buf: &mut [u8]) -> io::Resul
     Ok(received)
 }
 
+/// Registers the cgroup watcher with tokio's reactor.
+///
+/// fd contract: the watcher's inotify fd stays owned by the watcher, which
+/// the returned `AsyncFd` owns; it is deregistered before it is closed.
+pub(crate) fn register_watcher(
+    watcher: crate::cgroup::Watcher,
+) -> io::Result<tokio::io::unix::AsyncFd<crate::cgroup::Watcher>> {
+    // SAFETY: `Watcher::as_raw_fd` returns the fd of the `OwnedFd` inside
+    // its `Inotify`, which the watcher never replaces or closes while it
+    // lives; the `AsyncFd` owns the watcher, so that fd stays open and the
+    // same for the `AsyncFd`'s whole life.
+    unsafe { tokio::io::unix::AsyncFd::register(watcher) }.map_err(io::Error::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -463,6 +492,7 @@ mod tests {
             Stage::SignalMask,
             Stage::Limits,
             Stage::User,
+            Stage::Cgroup,
         ] {
             let record = encode_report(stage, Errno::ENOENT as i32);
             assert_eq!(decode_report(record), (stage, Errno::ENOENT));

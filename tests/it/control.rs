@@ -75,6 +75,7 @@ fn status_prints_a_table_and_stable_json() {
         keys,
         [
             "config",
+            "containment",
             "deploying",
             "generations",
             "last_deploy",
@@ -87,6 +88,13 @@ fn status_prints_a_table_and_stable_json() {
     );
     assert_eq!(json["last_deploy"]["ok"], true);
     assert_eq!(json["generations"][0]["generation"], 2);
+    // Without a cgroup (the tests' baton runs in the root cgroup): the
+    // main process's own memory and CPU, and why no cgroup.
+    let containment = json["containment"].as_str().unwrap();
+    assert!(containment.starts_with("process groups ("), "{containment}");
+    assert!(json["generations"][0]["memory_bytes"].as_u64().unwrap() > 0);
+    assert!(json["generations"][0]["cpu_usec"].is_u64());
+    assert_eq!(json["generations"][0]["escapees"], serde_json::json!([]));
 }
 
 /// Runs `baton status` as another user (via util-linux `setpriv`).

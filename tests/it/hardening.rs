@@ -24,7 +24,7 @@ const WAIT: Duration = Duration::from_secs(10);
 
 /// SIGKILLs a pid on drop: for processes built to escape the harness's
 /// process-group kill.
-struct KillOnDrop(i32);
+pub(crate) struct KillOnDrop(pub(crate) i32);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
@@ -52,7 +52,7 @@ impl Drop for StopOnDrop {
 }
 
 /// The pid a child wrote to `path` (there is no event for a file's content).
-fn read_pid(path: &Path) -> i32 {
+pub(crate) fn read_pid(path: &Path) -> i32 {
     let mut pid = 0;
     assert!(
         eventually(WAIT, || {
@@ -115,6 +115,57 @@ fn grandchild_that_left_the_group_dies_with_its_generation() {
         "pid {} (setsid) outlived generation 1",
         escapee.0
     );
+}
+
+/// Defect 2, without cgroups: `status` lists a live generation's
+/// processes that left its process group and were adopted by baton (their
+/// parent exited), before they die with it.
+#[test]
+fn status_lists_escapees_of_a_live_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("escapee.pid");
+    let base = setup();
+    // The subshell exits at once: its setsid'd child is adopted by baton.
+    let escaping = Setup {
+        command: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            format!(
+                "(setsid sleep 600 & echo $! > {})\nexec {}",
+                pidfile.display(),
+                base.command[0]
+            ),
+        ],
+        ..base.clone()
+    };
+    let mut baton = start(&escaping);
+    let escapee = KillOnDrop(read_pid(&pidfile));
+    let listed = |baton: &Baton| {
+        baton.status_doc().is_ok_and(|d| {
+            d.generations
+                .first()
+                .is_some_and(|g| g.escapees == [escapee.0])
+        })
+    };
+    // Adopted once the subshell has exited: no event tells when.
+    assert!(
+        eventually(WAIT, || listed(&baton)),
+        "{:?}",
+        baton.status_doc()
+    );
+    let table = String::from_utf8_lossy(&baton.cli(&["status"]).stdout).into_owned();
+    assert!(
+        table.contains(&format!(
+            "generation 1: left its process group (killed when it ends): pids {}",
+            escapee.0
+        )),
+        "{table}"
+    );
+    baton.rewrite(&base).unwrap();
+    let (code, _, stderr) = baton.reload_wait();
+    assert_eq!(code, 0, "{stderr}");
+    baton.wait_drained(1).unwrap();
+    assert!(eventually(WAIT, || !alive(escapee.0)));
 }
 
 /// Defect 2a, nested: the setsid() process's parent is still alive (in the

@@ -6,11 +6,14 @@
 //! - `lifecycle`: start, stop, restart, config errors, the child contract.
 //! - `control`: the control socket: who may use it, and what a misbehaving
 //!   client gets (issue 3).
+//! - `cgroups`: a cgroup per generation: containment, kill, limits (issue
+//!   8; as root).
 //! - `hardening`: processes that try to escape the kill, hostile or careless
 //!   children and clients, children as another user (issue 8).
 //! - `systemd`: socket activation, the fd store, and the sd_notify messages
 //!   baton sends to its own service manager.
 
+mod cgroups;
 mod control;
 mod deploy;
 mod hardening;
