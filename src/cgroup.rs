@@ -344,6 +344,12 @@ impl Cgroups {
         }
     }
 
+    /// The processes in the cgroup of `generation`.
+    pub(crate) fn procs(&self, generation: u64) -> Vec<i32> {
+        let procs = read_procs(&self.dir(generation)).unwrap_or_default();
+        procs.into_iter().map(|p| p as i32).collect()
+    }
+
     /// Whether the cgroup of `generation` still holds a process (`None`:
     /// it cannot be read, e.g. it was removed).
     pub(crate) fn populated(&self, generation: u64) -> Option<bool> {

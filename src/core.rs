@@ -905,6 +905,7 @@ impl Supervisor {
                 generation: g.id,
                 pid: g.pid.map(Pid::as_raw),
                 waited: KILL_GRACE,
+                lingering: Vec::new(),
             }));
         }
         self.draining.retain(|g| !given_up(g));
@@ -915,6 +916,7 @@ impl Supervisor {
                 generation,
                 pid: None,
                 waited: KILL_GRACE,
+                lingering: Vec::new(),
             }));
         }
         if self.restart_at.is_some_and(|t| t <= now) && self.candidate.is_none() {
@@ -1521,7 +1523,8 @@ backoff_max = "1s"
                 Notice::GivenUp {
                     generation: 1,
                     pid: None,
-                    waited: KILL_GRACE
+                    waited: KILL_GRACE,
+                    lingering: Vec::new()
                 },
                 Notice::AllExited
             ]
@@ -1604,7 +1607,8 @@ backoff_max = "1s"
                 Notice::GivenUp {
                     generation: 1,
                     pid: Some(100),
-                    waited: KILL_GRACE
+                    waited: KILL_GRACE,
+                    lingering: Vec::new()
                 },
                 Notice::AllExited
             ]

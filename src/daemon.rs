@@ -825,6 +825,22 @@ impl Shell {
                         self.waiters.remove(&waiter);
                     }
                 }
+                Action::Notice(Notice::GivenUp {
+                    generation,
+                    pid: None,
+                    waited,
+                    ..
+                }) => {
+                    // Name what lingers in its cgroup; its directory stays.
+                    let cgroups = self.containment.cgroups();
+                    let lingering = cgroups.map_or_else(Vec::new, |c| c.procs(generation));
+                    self.notice(Notice::GivenUp {
+                        generation,
+                        pid: None,
+                        waited,
+                        lingering,
+                    });
+                }
                 Action::Notice(notice) => self.notice(notice),
                 Action::Upstream(message) => {
                     if let Some(upstream) = &self.upstream {

@@ -76,7 +76,9 @@ enum Command {
     /// Everything in the file is checked (keys, addresses, paths, users,
     /// groups, limits), with file, line and column on error. What depends on
     /// how baton is started is checked when it starts: `[app] user` needs
-    /// baton to run as root.
+    /// baton to run as root; `[app] cgroup` must be a usable cgroup v2
+    /// directory, and `memory_max`, `cpu_max` and `pids_max` need their
+    /// controllers there.
     Check {
         #[arg(short, long, default_value = config::DEFAULT_PATH, env = "BATON_CONFIG")]
         config: PathBuf,

@@ -215,6 +215,10 @@ pub enum Notice {
         pid: Option<i32>,
         #[serde(rename = "waited_ms", with = "millis")]
         waited: Duration,
+        /// With a cgroup: the processes still in it (the shell fills this
+        /// in; the core does not know them).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        lingering: Vec<i32>,
     },
     /// Every process of a contained `generation` has exited: its cgroup
     /// is empty.
@@ -511,12 +515,21 @@ impl fmt::Display for Notice {
                 generation,
                 pid: None,
                 waited,
-            } => write!(
-                f,
-                "generation {generation}: processes still in its cgroup {} after SIGKILL: no \
-                 longer waiting for them (stuck in the kernel?); check its cgroup.procs",
-                secs(*waited)
-            ),
+                lingering,
+            } => {
+                let pids: Vec<String> = lingering.iter().map(i32::to_string).collect();
+                write!(
+                    f,
+                    "generation {generation}: processes still in its cgroup {} after SIGKILL \
+                     (pids {}): no longer waiting for them (stuck in the kernel?)",
+                    secs(*waited),
+                    if pids.is_empty() {
+                        "?".to_owned()
+                    } else {
+                        pids.join(" ")
+                    }
+                )
+            }
             Gone { generation } => write!(
                 f,
                 "generation {generation} is gone: its cgroup holds no process"
@@ -525,6 +538,7 @@ impl fmt::Display for Notice {
                 generation,
                 pid,
                 waited,
+                ..
             } => write!(
                 f,
                 "generation {generation} (pid {}) still not gone {} after SIGKILL: no longer \
