@@ -494,6 +494,7 @@ impl Shell {
                 }
                 _ = listener_check.tick() => {
                     self.check_listeners();
+                    self.remove_cgroups();
                     // A process that left an ended generation's group is
                     // adopted by baton only when its own parent dies.
                     // Watched for a while only: the sweep reads /proc.
@@ -557,11 +558,14 @@ impl Shell {
             .copied()
             .filter(|&g| cgroups.populated(g) != Some(true))
             .collect();
+        // Removed first, so that when the core says the generation is gone,
+        // its directory is too (or is retried, should a dying process still
+        // count).
+        self.unremoved.extend(&emptied);
+        self.remove_cgroups();
         for generation in emptied {
-            self.unremoved.push(generation);
             self.event(Event::Emptied { generation });
         }
-        self.remove_cgroups();
     }
 
     /// Removes the emptied generation cgroups (rmdir fails while the
