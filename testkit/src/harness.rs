@@ -375,19 +375,17 @@ impl Baton {
             .map(drop)
     }
 
-    /// Waits until baton logs `mark` for `generation` (at any time since it
-    /// started); when it did, by its clock.
+    /// Waits until `mark` of `generation` is logged (at any time since baton
+    /// started); when it happened, by baton's clock for its marks, by the
+    /// app's for the app's ([`Mark::AppReadySent`], [`Mark::AppDrainSignal`]).
     pub fn wait_mark(&self, generation: u64, mark: Mark, timeout: Duration) -> Result<SystemTime> {
         let what = format!("{mark:?} of generation {generation}");
-        let (_, line) = self.wait_line(0, &what, timeout, |l| {
-            l.notice
-                .as_ref()
-                .is_some_and(|n| mark.matches(generation, n))
-        })?;
+        let (_, line) = self.wait_line(0, &what, timeout, |l| l.is_mark(generation, mark))?;
         Ok(line.at)
     }
 
-    /// When baton logged `mark` for `generation`, if it has.
+    /// When `mark` of `generation` happened, if it is logged (see
+    /// [`Baton::wait_mark`]).
     pub fn mark(&self, generation: u64, mark: Mark) -> Option<SystemTime> {
         self.log.mark(generation, mark)
     }

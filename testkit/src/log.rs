@@ -5,12 +5,15 @@
 //! kit waits on those, never on a log line's wording. Lines of another
 //! shape (the example app's `hello: ...` on the same stderr, or baton's
 //! human format where a test asks for it) are kept whole, stamped with the
-//! time they were read.
+//! time they were read; but the example app's two timing lines (`hello:
+//! generation G pid P ready-sent at U`, `... drain-signal at U`) are marks
+//! too ([`Mark::AppReadySent`], [`Mark::AppDrainSignal`]), stamped with
+//! their own U (µs since the epoch, by the same wall clock as baton's).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use baton::notice::{Failure, Notice};
 
@@ -19,14 +22,29 @@ use crate::procs;
 /// One line of baton's stderr.
 #[derive(Debug, Clone)]
 pub struct LogLine {
-    /// baton's timestamp for JSON lines; when it was read for others.
+    /// baton's timestamp for JSON lines; the app's own for its timing
+    /// lines; when it was read for others.
     pub at: SystemTime,
     /// The message of a JSON line; the whole line otherwise.
     pub text: String,
     /// The notice a JSON record carries.
     pub notice: Option<Notice>,
+    /// The generation and the mark an app's timing line records.
+    pub app_mark: Option<(u64, Mark)>,
     /// The line as written.
     pub raw: String,
+}
+
+impl LogLine {
+    /// Whether this line records `mark` of `generation`: baton's notice
+    /// for its marks, the app's timing line for the app's.
+    pub fn is_mark(&self, generation: u64, mark: Mark) -> bool {
+        self.app_mark == Some((generation, mark))
+            || self
+                .notice
+                .as_ref()
+                .is_some_and(|n| mark.matches(generation, n))
+    }
 }
 
 /// A moment of a generation's life.
@@ -43,10 +61,17 @@ pub enum Mark {
     /// The process is gone: [`Notice::Exited`], [`Notice::Crashed`], or a
     /// candidate that died before it was ready.
     Exited,
+    /// The app sent READY=1, by its own clock: its line `hello:
+    /// generation G pid P ready-sent at U`.
+    AppReadySent,
+    /// The drain signal reached the app, by its own clock: its line
+    /// `hello: generation G pid P drain-signal at U`.
+    AppDrainSignal,
 }
 
 impl Mark {
-    /// Whether `notice` records this moment of `generation`.
+    /// Whether `notice` records this moment of `generation`. Never for the
+    /// app's marks, which are lines of the app's: see [`LogLine::is_mark`].
     pub fn matches(self, generation: u64, notice: &Notice) -> bool {
         let g = generation;
         match (self, notice) {
@@ -69,6 +94,24 @@ impl Mark {
     }
 }
 
+/// The generation, the mark and the time (its U) of one of the example
+/// app's timing lines: `hello: generation G pid P ready-sent at U` or
+/// `... drain-signal at U`, U in µs since the Unix epoch.
+fn parse_app_mark(raw: &str) -> Option<(u64, Mark, SystemTime)> {
+    let words: Vec<&str> = raw.strip_prefix("hello: generation ")?.split(' ').collect();
+    let [generation, "pid", pid, what, "at", micros] = words[..] else {
+        return None;
+    };
+    let mark = match what {
+        "ready-sent" => Mark::AppReadySent,
+        "drain-signal" => Mark::AppDrainSignal,
+        _ => return None,
+    };
+    pid.parse::<i32>().ok()?;
+    let at = UNIX_EPOCH + Duration::from_micros(micros.parse().ok()?);
+    Some((generation.parse().ok()?, mark, at))
+}
+
 /// Parses one line of stderr.
 fn parse(raw: String) -> LogLine {
     let json = raw
@@ -88,14 +131,19 @@ fn parse(raw: String) -> LogLine {
             at,
             text,
             notice,
+            app_mark: None,
             raw,
         },
-        None => LogLine {
-            at: SystemTime::now(),
-            text: raw.clone(),
-            notice: None,
-            raw,
-        },
+        None => {
+            let app_mark = parse_app_mark(&raw);
+            LogLine {
+                at: app_mark.map_or_else(SystemTime::now, |(_, _, at)| at),
+                text: raw.clone(),
+                notice: None,
+                app_mark: app_mark.map(|(generation, mark, _)| (generation, mark)),
+                raw,
+            }
+        }
     }
 }
 
@@ -184,14 +232,10 @@ impl Log {
         self.lock().lines.iter().find(|l| matches(l)).cloned()
     }
 
-    /// When baton logged `mark` for `generation`, if it has.
+    /// When `mark` of `generation` happened, if it is logged: by baton's
+    /// clock for its marks, by the app's for the app's.
     pub fn mark(&self, generation: u64, mark: Mark) -> Option<SystemTime> {
-        self.find(|l| {
-            l.notice
-                .as_ref()
-                .is_some_and(|n| mark.matches(generation, n))
-        })
-        .map(|l| l.at)
+        self.find(|l| l.is_mark(generation, mark)).map(|l| l.at)
     }
 
     /// Every notice so far, oldest first.
@@ -267,6 +311,50 @@ mod tests {
         assert!(Mark::Exited.matches(3, &failed(Failure::Exited(ExitStatus::Code(3)))));
         let not_ready = failed(Failure::NotReady(std::time::Duration::from_secs(1)));
         assert!(!Mark::Exited.matches(3, &not_ready));
+    }
+
+    #[test]
+    fn app_timing_lines_are_marks_at_their_own_time() {
+        let ready = parse("hello: generation 7 pid 4242 ready-sent at 1795900000123456".to_owned());
+        assert_eq!(ready.app_mark, Some((7, Mark::AppReadySent)));
+        assert_eq!(
+            ready.at,
+            UNIX_EPOCH + Duration::from_micros(1_795_900_000_123_456)
+        );
+        assert!(ready.is_mark(7, Mark::AppReadySent));
+        assert!(!ready.is_mark(7, Mark::AppDrainSignal));
+        assert!(!ready.is_mark(77, Mark::AppReadySent));
+        assert_eq!(ready.notice, None);
+        let drain =
+            parse("hello: generation 6 pid 4000 drain-signal at 1795900000000001".to_owned());
+        assert_eq!(drain.app_mark, Some((6, Mark::AppDrainSignal)));
+        assert_eq!(
+            drain.at,
+            UNIX_EPOCH + Duration::from_micros(1_795_900_000_000_001)
+        );
+        // Other lines of the app, and malformed timing lines, mark nothing.
+        for other in [
+            "hello: generation 6 pid 4000 draining after SIGTERM",
+            "hello: generation 6 pid 4000 drain-signal at soon",
+            "hello: generation 6 pid 4000 drain-signal at 1 2",
+            "hello: generation x pid 4000 ready-sent at 1",
+            "generation 6 pid 4000 ready-sent at 1",
+        ] {
+            assert_eq!(parse(other.to_owned()).app_mark, None, "{other}");
+        }
+        // baton's records mark only through their notices.
+        let raw = r#"{"timestamp":"2026-11-27T21:05:17.788809Z","level":"INFO","fields":{"message":"hello: generation 1 pid 2 ready-sent at 3"}}"#;
+        assert_eq!(parse(raw.to_owned()).app_mark, None);
+        let log = Log::read(&b"hello: generation 2 pid 9 drain-signal at 5000000\n"[..]);
+        let soon = Instant::now() + Duration::from_secs(10);
+        assert!(log
+            .wait(0, soon, |l| l.is_mark(2, Mark::AppDrainSignal))
+            .is_some());
+        assert_eq!(
+            log.mark(2, Mark::AppDrainSignal),
+            Some(UNIX_EPOCH + Duration::from_secs(5))
+        );
+        assert_eq!(log.mark(2, Mark::Draining), None);
     }
 
     #[test]

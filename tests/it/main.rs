@@ -12,11 +12,13 @@
 //!   children and clients, children as another user (issue 8).
 //! - `systemd`: socket activation, the fd store, and the sd_notify messages
 //!   baton sends to its own service manager.
+//! - `keepalive`: the app's side of a handoff: boot, keep-alive (issue 13).
 
 mod cgroups;
 mod control;
 mod deploy;
 mod hardening;
+mod keepalive;
 mod lifecycle;
 mod systemd;
 
