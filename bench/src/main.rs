@@ -47,6 +47,7 @@ mod plot;
 mod report;
 mod scenarios;
 mod soak;
+mod wrk;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -54,7 +55,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use baton_testkit::binaries::Profile;
 use baton_testkit::harness::Launch;
-use baton_testkit::{Binaries, Context, Mix, Setup, Spec};
+use baton_testkit::{Binaries, Context, Mix, Pace, Setup, Spec};
 use clap::Parser;
 
 /// Zero-downtime benchmark of baton: writes DIR/report.md and DIR/timeline.svg.
@@ -79,10 +80,15 @@ pub struct Plan {
     pub quick: bool,
     /// The load's clients and timeouts; its limit is set per scenario.
     pub load: Spec,
-    /// A: restarts.
+    /// Each handoff scenario's steady phase (and the calibration).
+    pub steady: Duration,
+    /// A, A′: restarts.
     pub restarts: usize,
     /// B: deploys.
     pub deploys: usize,
+    /// The wrk cross-check's run with deploys (its steady run takes
+    /// `steady`).
+    pub wrk_for: Duration,
     /// Load between two restarts or deploys (A, B, C).
     pub spacing: Duration,
     /// B prints every n-th deploy.
@@ -100,22 +106,26 @@ pub struct Plan {
     pub limit: Duration,
 }
 
-/// 24 fresh-connection clients and one keep-alive client; 5 s per request.
+/// 16 fresh-connection clients and 8 keep-alive clients (a third); 5 s
+/// per request. The pace is set per run.
 const LOAD: Spec = Spec {
     mix: Mix {
-        fresh: 24,
-        keep_alive: 1,
+        fresh: 16,
+        keep_alive: 8,
     },
     request_timeout: Duration::from_secs(5),
     failure_pause: Duration::from_millis(10),
     limit: Duration::from_secs(300),
+    pace: Pace::Closed,
 };
 
 const QUICK: Plan = Plan {
     quick: true,
     load: LOAD,
+    steady: Duration::from_secs(2),
     restarts: 5,
     deploys: 5,
+    wrk_for: Duration::from_secs(3),
     spacing: Duration::from_millis(800),
     print_every: 1,
     broken_each: 2,
@@ -129,8 +139,11 @@ const QUICK: Plan = Plan {
 const FULL: Plan = Plan {
     quick: false,
     load: LOAD,
+    steady: Duration::from_secs(8),
     restarts: 20,
     deploys: 100,
+    // At least 100 deploys (0.5 s apart, each ~0.25 s) under each wrk run.
+    wrk_for: Duration::from_secs(90),
     spacing: Duration::from_millis(500),
     print_every: 10,
     broken_each: 5,

@@ -1,4 +1,4 @@
-//! The timeline: for A (restarts) above B (deploys), the requests answered
+//! The timeline: for A and A′ (restarts) above B (deploys), closed loop, the requests answered
 //! per 10 ms window stacked by the generation that answered, failures in
 //! red below the axis, and markers for each restart or deploy; under each
 //! chart, the life of every process. Both charts share one y scale, so
@@ -10,7 +10,7 @@ use std::path::Path;
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
-use crate::scenarios::{Cycle, Lifespan, Measurements, Trace};
+use crate::scenarios::{Cycle, Lifespan, Measurements, Trace, Way};
 use baton_testkit::load::WINDOW;
 
 /// Restarts / deploys drawn; with more, the chart would be too dense to
@@ -46,12 +46,23 @@ pub fn write(path: &Path, measured: &Measurements) -> Result<(), String> {
     let panels = [
         Panel {
             title: "A: the app alone, restarted stop-then-start (what systemctl restart does)",
-            trace: &measured.baseline.trace,
+            trace: &measured
+                .handoff(Way::Restart, false)
+                .ok_or("no closed-loop A to draw")?
+                .trace,
+            markers: ["SIGTERM sent", "new process answers", "old process exited"],
+        },
+        Panel {
+            title: "A′: the same, the socket held across the restart (plain socket activation)",
+            trace: &measured
+                .handoff(Way::HeldRestart, false)
+                .ok_or("no closed-loop A′ to draw")?
+                .trace,
             markers: ["SIGTERM sent", "new process answers", "old process exited"],
         },
         Panel {
             title: "B: the app under baton, deployed with baton reload --wait",
-            trace: &measured.deploys.trace,
+            trace: &measured.deploys().ok_or("no closed-loop B to draw")?.trace,
             markers: [
                 "reload requested",
                 "new generation ready",

@@ -8,7 +8,8 @@ use std::time::{Duration, SystemTime};
 use hdrhistogram::Histogram;
 
 use crate::scenarios::{
-    DeployRecord, Deploys, Measurements, Scale, Throughput, Trace, BOOT_DELAY, BROKEN_READINESS,
+    pace_name, DeployRecord, Handoff, Measurements, Scale, Throughput, Trace, BOOT_DELAY,
+    BROKEN_READINESS,
 };
 use crate::Plan;
 use baton_testkit::load::{self, Stats, Tally};
@@ -46,10 +47,11 @@ impl Report<'_> {
         self.machine.render(&mut out);
         self.method(&mut out);
         self.restarts_and_deploys(&mut out);
+        self.cross_check(&mut out);
         self.broken(&mut out);
         throughput(&mut out, &self.measured.throughput);
         self.scale(&mut out);
-        supervisor(&mut out, &self.measured.deploys, &self.measured.throughput);
+        supervisor(&mut out, self.measured, &self.measured.throughput);
         timeline(&mut out);
         out
     }
@@ -70,65 +72,46 @@ impl Report<'_> {
 
     fn at_a_glance(&self, out: &mut String) {
         let m = self.measured;
-        let (a, b) = (&m.baseline, &m.deploys);
         put!(out, "## At a glance\n");
         put!(
             out,
-            "| | A: app alone, stop-then-start | B: app under baton |"
-        );
-        put!(out, "| --- | ---: | ---: |");
-        put!(
-            out,
-            "| restarts / deploys done | {} of {} | {} of {} ({} failed) |",
-            a.outages.len(),
-            a.planned,
-            b.records.len(),
-            b.planned,
-            b.records.iter().filter(|r| !r.ok).count()
+            "Every failed request counts, keep-alive ones included. \"Retrying client\": what a \
+             client sees that sends a request once more on a new connection when a reused \
+             keep-alive connection closed under it (RFC 9112 §9.3.1); the bench's keep-alive \
+             clients do, and both counts are given. Ratios set the phase with restarts or \
+             deploys against a steady phase of the same running setup, in the same run.\n"
         );
         put!(
             out,
-            "| requests answered | {} | {} |",
-            a.trace.tally.ok(),
-            b.trace.tally.ok()
+            "| scenario | load | restarts / deploys | answered | **failed** | of which keep-alive | \
+             keep-alive retries (answered) | failed for a retrying client | longest silence | \
+             p99 ÷ steady | max ÷ steady |"
         );
         put!(
             out,
-            "| **failed requests** | **{}** | **{}** |",
-            a.trace.tally.failed(),
-            b.trace.tally.failed()
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"
         );
-        put!(
-            out,
-            "| failed per 100 restarts / deploys | {} | {} |",
-            per_100(a.trace.tally.failed(), a.outages.len()),
-            per_100(b.trace.tally.failed(), b.records.len())
-        );
-        put!(
-            out,
-            "| longest time with no request answered | {} | {} |",
-            silence(&a.trace, "restart"),
-            silence(&b.trace, "deploy")
-        );
-        put!(
-            out,
-            "| latency of answered requests, p50 / p99 / p99.9 / max | {} | {} |",
-            latency(&a.trace.tally.all().latency),
-            latency(&b.trace.tally.all().latency)
-        );
-        put!(
-            out,
-            "| the load generator itself held up for at most | {} | {} |",
-            stall(&a.trace.tally),
-            stall(&b.trace.tally)
-        );
-        put!(
-            out,
-            "| answered, but after more than {} ms | {} | {} |",
-            SLOW.as_millis(),
-            slower_than(&a.trace.tally.all().latency, SLOW),
-            slower_than(&b.trace.tally.all().latency, SLOW)
-        );
+        for h in &m.handoffs {
+            let t = &h.trace.tally;
+            put!(
+                out,
+                "| {} ({}) | {} | {} of {} | {} | **{}** | {} | {} ({}) | {} | {} | {} | {} |",
+                h.way.label(),
+                h.way.describe(),
+                pace_name(h.pace),
+                h.cycles(),
+                h.planned,
+                t.ok(),
+                t.failed(),
+                t.keep_alive.failed(),
+                t.retried,
+                t.recovered,
+                t.failed_after_retry(),
+                silence(&h.trace, h.way.cycle()),
+                ratio(h, 0.99),
+                ratio(h, 1.0)
+            );
+        }
         put!(out);
         let broken = &m.broken;
         let failed_deploys = broken.releases.iter().filter(|r| !r.record.ok).count();
@@ -151,106 +134,232 @@ impl Report<'_> {
             rate(&d.under_baton),
             rate(&d.alone)
         );
-        let ready_to_drain = spread(b.records.iter().filter_map(DeployRecord::ready_to_drain));
+        match &m.wrk {
+            Ok(passes) => {
+                for p in passes {
+                    put!(
+                        out,
+                        "- wrk ({}), {} deploys: {} errors in {} requests ({} steady: {} in {}); \
+                         p99 ÷ steady {}, max ÷ steady {}.",
+                        wrk_mode(p.deploys.keep_alive),
+                        p.deployed,
+                        p.deploys.errors(),
+                        p.deploys.requests,
+                        secs_f(p.steady.seconds),
+                        p.steady.errors(),
+                        p.steady.requests,
+                        duration_ratio(p.deploys.p99, p.steady.p99),
+                        duration_ratio(p.deploys.max, p.steady.max)
+                    );
+                }
+            }
+            Err(why) => put!(out, "- wrk cross-check: not run: {why}."),
+        }
+        let records = m.deploys().map_or(&[][..], |b| &b.records[..]);
+        let app = spread(records.iter().filter_map(DeployRecord::app_handoff));
+        let ready_to_drain = spread(records.iter().filter_map(DeployRecord::ready_to_drain));
+        let idle = &m.idle;
         put!(
             out,
-            "- baton: READY=1 → drain signal p50 {}; {} CPU per deploy (p50); {} CPU in \
+            "- baton: the new generation sends READY=1 → the old one has its drain signal, \
+             p50 {} as the apps see it ({} inside baton); {} CPU per deploy (p50); {} CPU in \
              {:.0} s idle; RSS {} → {} and {} → {} open fds over {} deploys.\n",
+            app.map_or("-".into(), |s| us(s.p50)),
             ready_to_drain.map_or("-".into(), |s| us(s.p50)),
-            spread(b.records.iter().map(|r| r.cpu)).map_or("-".into(), |s| us(s.p50)),
-            us(b.idle_cpu),
-            b.idle_for.as_secs_f64(),
-            kib(b.before.rss_kib),
-            kib(b.after.rss_kib),
-            b.before.fds,
-            b.after.fds,
-            b.records.len()
+            spread(records.iter().map(|r| r.cpu)).map_or("-".into(), |s| us(s.p50)),
+            us(idle.cpu),
+            idle.over.as_secs_f64(),
+            kib(idle.before.rss_kib),
+            kib(idle.after.rss_kib),
+            idle.before.fds,
+            idle.after.fds,
+            records.len()
         );
     }
 
     fn method(&self, out: &mut String) {
         let p = self.plan;
+        let m = self.measured;
         put!(out, "## Method\n");
         put!(
             out,
-            "- Load: closed loop on 127.0.0.1, {} clients each sending `GET /` on a fresh \
-             connection (`Connection: close`) and {} keep-alive client(s). Every request has a \
-             {} s timeout. After a failure a client waits {} ms before its next request (as a \
-             retrying client would), so failure counts measure how long an outage lasts, not how \
-             fast a refused `connect()` returns.",
+            "- Load on 127.0.0.1: {} clients each sending `GET /` on a fresh connection \
+             (`Connection: close`) and {} keep-alive clients (a third). Every request has a {} s \
+             timeout. **Closed loop**: a client sends when its last request has finished; after \
+             a failure it waits {} ms (as a retrying client would), so failure counts measure \
+             how long an outage lasts, not how fast a refused `connect()` returns. **Open \
+             loop**: {:.0} requests/s in all ({:.0}% of the {:.0}/s the app alone answered \
+             closed-loop at the start of this run), each client on a fixed schedule; latency \
+             counts from when a request was due, so a stall shows in full (no coordinated \
+             omission), and no pause after a failure.",
             p.load.mix.fresh,
             p.load.mix.keep_alive,
             p.load.request_timeout.as_secs(),
-            p.load.failure_pause.as_millis()
+            p.load.failure_pause.as_millis(),
+            m.open_rate,
+            crate::scenarios::OPEN_SHARE * 100.0,
+            m.calibration
         );
         put!(
             out,
             "- Outcomes: ok (`200` with `generation=<n>`), refused, reset (reset or closed before \
-             a complete response), timed out, wrong (another answer), other (a local error). A \
-             keep-alive request is sent again once, on a new connection, only when a reused \
-             connection closed before any byte of the response; such retries are counted."
+             a complete response), timed out, wrong (another answer), other (a local error). \
+             Every failure is counted. A keep-alive request that fails on a reused connection \
+             before any byte of the response is then sent once more on a new connection; that \
+             retry is counted as a request of its own, and how many such retries were answered \
+             is reported apart."
         );
         put!(
             out,
-            "- The app is `examples/hello` with a {} ms boot delay (`HELLO_BOOT_DELAY_MS`) in A, \
-             B and C. A: it binds its port itself; each restart sends SIGTERM, waits for the exit \
-             and starts it again, like `systemctl restart`. B: it runs under `baton run`, each \
-             deploy is `baton reload --wait` (spoken directly on the control socket).",
+            "- The app is `examples/hello` with a {} ms boot delay (`HELLO_BOOT_DELAY_MS`). \
+             A: it binds its port itself; each restart sends SIGTERM, waits for the exit and \
+             starts it again, like `systemctl restart`. A′: the same, but the bench holds the \
+             listening socket (backlog 1024, as baton's) across the restarts and passes it in \
+             as fd 3 (`LISTEN_FDS`), as systemd does for a socket-activated service. B: it runs \
+             under `baton run`; each deploy is `baton reload --wait` (spoken directly on the \
+             control socket). On its drain signal hello stops accepting, answers what it has \
+             received with `Connection: close` and closes an idle keep-alive connection after a \
+             500 ms grace.",
             BOOT_DELAY.as_millis()
         );
         put!(
             out,
-            "- {} of load between restarts / deploys. Latencies are from the start of a request \
-             to its complete response, answered requests only, in HDR histograms.",
+            "- Each of A, A′ and B first runs {} steady (the same running setup, nothing \
+             changing), then its restarts / deploys with {} of load between them; the ratios \
+             divide the second phase's p99 and max latency by the steady phase's. Latencies are \
+             of answered requests, in HDR histograms.",
+            secs(p.steady),
             secs(p.spacing)
         );
+        let pinned = m
+            .handoffs
+            .first()
+            .and_then(|h| h.trace.tally.pinned)
+            .map_or("not pinned (one CPU)".into(), |c| {
+                format!("pinned to CPU {c}")
+            });
         put!(
             out,
-            "- The load generator runs on a thread of its own, apart from the deploys; a \
-             heartbeat task measures how late its event loop wakes up. On a busy machine it is \
-             held up at times: a silence or a latency no longer than that may be the bench's \
-             own, not the server's."
+            "- The load generator runs on a thread of its own, {pinned}; the orchestration \
+             (restarts, deploys) runs on another, unpinned, as are the processes it starts. A \
+             heartbeat task measures how late the load's event loop wakes up: a silence or a \
+             latency no longer than that may be the bench's own, not the server's."
         );
         put!(
             out,
-            "- baton's timings come from its JSON log (`--log-format json`, µs timestamps) and the \
-             bench's clock (same wall clock); its CPU time from `/proc/<pid>/task/*/schedstat` \
-             (ns), RSS from `VmRSS`, fds from `/proc/<pid>/fd`.\n"
+            "- Handoff latency from the apps' side: hello logs, with a wall-clock µs timestamp, \
+             when it has sent READY=1 and when its drain signal arrived; from the new one's to \
+             the old one's line is the whole handoff (the datagram, baton, the signal). baton's \
+             own figures come from its JSON log (`--log-format json`, µs timestamps) on the same \
+             clock; its CPU time from `/proc/<pid>/task/*/schedstat` (ns), RSS from `VmRSS`, fds \
+             from `/proc/<pid>/fd`."
+        );
+        put!(
+            out,
+            "- Cross-check: where `wrk` is installed, one wrk run per mode (keep-alive, and \
+             `Connection: close` on every request) against the app under baton, {} connections, \
+             {} steady and then {} with deploys {} apart; its own error counts are reported.\n",
+            p.load.mix.fresh + p.load.mix.keep_alive,
+            secs(p.steady),
+            secs(p.wrk_for),
+            secs(p.spacing)
         );
     }
 
     fn restarts_and_deploys(&self, out: &mut String) {
-        let (a, b) = (&self.measured.baseline, &self.measured.deploys);
-        put!(out, "## A and B: requests during restarts and deploys\n");
-        put!(out, "| scenario | client | ok | refused | reset | timed out | wrong | other | latency p50 / p99 / p99.9 / max |");
+        let m = self.measured;
         put!(
             out,
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+            "## A, A′ and B: requests, steady and during restarts / deploys\n"
         );
-        for (name, tally) in [("A", &a.trace.tally), ("B", &b.trace.tally)] {
-            stats_row(out, name, "fresh connection", &tally.fresh);
-            stats_row(out, name, "keep-alive", &tally.keep_alive);
+        put!(out, "| scenario | load | phase | client | ok | refused | reset | timed out | wrong | other | latency p50 / p99 / p99.9 / max |");
+        put!(
+            out,
+            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+        );
+        for h in &m.handoffs {
+            let name = h.way.label();
+            let load = pace_name(h.pace);
+            let cycles = format!("{}s", h.way.cycle());
+            for (phase, tally) in [("steady", &h.steady), (cycles.as_str(), &h.trace.tally)] {
+                stats_row(out, name, &load, phase, "fresh connection", &tally.fresh);
+                stats_row(out, name, &load, phase, "keep-alive", &tally.keep_alive);
+            }
         }
         put!(out);
-        put!(
-            out,
-            "Keep-alive retries (reused connection closed before any response byte): A {}, B {}.\n",
-            a.trace.tally.retried,
-            b.trace.tally.retried
-        );
-        if let Some(outage) = spread(a.outages.iter().copied()) {
+        for h in &m.handoffs {
+            let all = h.trace.tally.all();
             put!(
                 out,
-                "A, from SIGTERM to the new process answering: p50 {}, max {} (of which {} ms is \
-                 the app's boot delay, during which connections wait in the new listener's \
-                 backlog).\n",
-                ms(outage.p50),
-                ms(outage.max),
-                BOOT_DELAY.as_millis()
+                "{} ({}): answered after more than {} ms: {} (steady: {}); the load generator \
+                 itself held up for at most {} (steady: {}).\n",
+                h.way.label(),
+                pace_name(h.pace),
+                SLOW.as_millis(),
+                slower_than(&all.latency, SLOW),
+                slower_than(&h.steady.all().latency, SLOW),
+                stall(&h.trace.tally),
+                stall(&h.steady)
             );
+            if let Some(outage) = spread(h.outages.iter().copied()) {
+                put!(
+                    out,
+                    "{} ({}), from SIGTERM to the new process answering: p50 {}, max {} (of which \
+                     {} ms is the app's boot delay).\n",
+                    h.way.label(),
+                    pace_name(h.pace),
+                    ms(outage.p50),
+                    ms(outage.max),
+                    BOOT_DELAY.as_millis()
+                );
+            }
         }
-        errors(out, "A", &a.trace.tally);
-        errors(out, "B", &b.trace.tally);
+        for h in &m.handoffs {
+            let name = format!("{} ({})", h.way.label(), pace_name(h.pace));
+            errors(out, &name, &h.trace.tally);
+        }
+    }
+
+    fn cross_check(&self, out: &mut String) {
+        put!(out, "## wrk cross-check (under baton)\n");
+        let passes = match &self.measured.wrk {
+            Ok(passes) => passes,
+            Err(why) => {
+                put!(out, "Not run: {why}.\n");
+                return;
+            }
+        };
+        put!(out, "| mode | phase | deploys | requests | connect / read / write / timeout errors | non-2xx | latency p50 / p99 / max |");
+        put!(out, "| --- | --- | ---: | ---: | --- | ---: | --- |");
+        for p in passes {
+            for (phase, r, deploys) in [
+                ("steady", &p.steady, 0),
+                ("deploys", &p.deploys, p.deployed),
+            ] {
+                put!(
+                    out,
+                    "| {} | {phase} | {deploys} | {} | {} / {} / {} / {} | {} | {} / {} / {} |",
+                    wrk_mode(p.deploys.keep_alive),
+                    r.requests,
+                    r.connect_errors,
+                    r.read_errors,
+                    r.write_errors,
+                    r.timeouts,
+                    r.non_2xx,
+                    opt_ms(r.p50),
+                    opt_ms(r.p99),
+                    opt_ms(r.max)
+                );
+            }
+        }
+        put!(out);
+        let failed: usize = passes.iter().map(|p| p.deploys_failed).sum();
+        put!(
+            out,
+            "Deploys that failed during the wrk runs: {failed}. wrk counts a read error when a \
+             connection closes under a request, so keep-alive errors here are what clients that \
+             do not retry would see.\n"
+        );
     }
 
     fn broken(&self, out: &mut String) {
@@ -309,10 +418,10 @@ impl Report<'_> {
     }
 }
 
-fn stats_row(out: &mut String, scenario: &str, client: &str, s: &Stats) {
+fn stats_row(out: &mut String, scenario: &str, load: &str, phase: &str, client: &str, s: &Stats) {
     put!(
         out,
-        "| {scenario} | {client} | {} | {} | {} | {} | {} | {} | {} |",
+        "| {scenario} | {load} | {phase} | {client} | {} | {} | {} | {} | {} | {} | {} |",
         s.ok,
         s.refused,
         s.reset,
@@ -409,11 +518,13 @@ fn scale_row(out: &mut String, run: &Scale) {
     );
 }
 
-fn supervisor(out: &mut String, b: &Deploys, d: &Throughput) {
-    put!(out, "## baton's own figures (from B)\n");
+fn supervisor(out: &mut String, m: &Measurements, d: &Throughput) {
+    put!(out, "## baton's own figures (from B, closed loop)\n");
     put!(out, "| per deploy | p50 | p99 | max | n |");
     put!(out, "| --- | ---: | ---: | ---: | ---: |");
-    let rows: [(&str, Figure, Unit); 6] = [
+    let records = m.deploys().map_or(&[][..], |b| &b.records[..]);
+    let b = &m.idle;
+    let rows: [(&str, Figure, Unit); 7] = [
         (
             "reload request → candidate spawned (fork/exec returned)",
             DeployRecord::request_to_spawn,
@@ -425,7 +536,12 @@ fn supervisor(out: &mut String, b: &Deploys, d: &Throughput) {
             us,
         ),
         (
-            "**READY=1 processed → drain signal sent** (supervisor overhead)",
+            "**the new app sent READY=1 → the old app has its drain signal** (the apps' clocks)",
+            DeployRecord::app_handoff,
+            us,
+        ),
+        (
+            "of which inside baton: READY=1 processed → drain signal sent",
             DeployRecord::ready_to_drain,
             us,
         ),
@@ -446,7 +562,7 @@ fn supervisor(out: &mut String, b: &Deploys, d: &Throughput) {
         ),
     ];
     for (name, figure, unit) in rows {
-        match spread(b.records.iter().filter_map(figure)) {
+        match spread(records.iter().filter_map(figure)) {
             Some(s) => put!(
                 out,
                 "| {name} | {} | {} | {} | {} |",
@@ -464,8 +580,8 @@ fn supervisor(out: &mut String, b: &Deploys, d: &Throughput) {
     put!(
         out,
         "| CPU time over {:.1} s idle (app serving, no load, no deploy) | {} |",
-        b.idle_for.as_secs_f64(),
-        us(b.idle_cpu)
+        b.over.as_secs_f64(),
+        us(b.cpu)
     );
     put!(
         out,
@@ -476,21 +592,22 @@ fn supervisor(out: &mut String, b: &Deploys, d: &Throughput) {
     put!(
         out,
         "| RSS before → after {} deploys | {} → {} |",
-        b.records.len(),
+        records.len(),
         kib(b.before.rss_kib),
         kib(b.after.rss_kib)
     );
     put!(
         out,
         "| open fds before → after {} deploys | {} → {} |\n",
-        b.records.len(),
+        records.len(),
         b.before.fds,
         b.after.fds
     );
     put!(
         out,
         "\"READY=1 processed\" is when baton logs \"generation N is ready\", i.e. when it has \
-         read the datagram, not when the app sent it.\n"
+         read the datagram; the apps' figure runs from the new app's `READY=1` send to the old \
+         app's receipt of SIGTERM, both timed by the apps.\n"
     );
 }
 
@@ -498,7 +615,7 @@ fn timeline(out: &mut String) {
     put!(out, "## Timeline\n");
     put!(
         out,
-        "![requests per 10 ms window during restarts (A) and deploys (B)](timeline.svg)\n"
+        "![requests per 10 ms window during restarts (A, A′) and deploys (B)](timeline.svg)\n"
     );
     put!(
         out,
@@ -516,32 +633,51 @@ fn timeline(out: &mut String) {
 impl Report<'_> {
     pub fn headline(&self) -> String {
         let m = self.measured;
-        let (a, b, d) = (&m.baseline, &m.deploys, &m.throughput);
-        let ready_to_drain = spread(b.records.iter().filter_map(DeployRecord::ready_to_drain));
-        format!(
-            "A stop-then-start: {} failed requests in {} restarts ({} per 100), longest silence {}\n\
-             B under baton:     {} failed requests in {} deploys ({} per 100), longest silence {}\n\
-             C broken releases: {} failed requests\n\
-             D throughput under baton / alone: {:.2}\n\
-             baton: READY→drain p50 {}, idle CPU {} in {:.0} s, RSS {} → {}, fds {} → {}",
-            a.trace.tally.failed(),
-            a.outages.len(),
-            per_100(a.trace.tally.failed(), a.outages.len()),
-            silence(&a.trace, "restart"),
-            b.trace.tally.failed(),
-            b.records.len(),
-            per_100(b.trace.tally.failed(), b.records.len()),
-            silence(&b.trace, "deploy"),
+        let mut lines = Vec::new();
+        for h in &m.handoffs {
+            let t = &h.trace.tally;
+            lines.push(format!(
+                "{:<2} {:<31} {:<20} {} failed ({} keep-alive, {} for a retrying client) in {} \
+                 {}s; p99/max ÷ steady {} / {}; longest silence {}",
+                h.way.label(),
+                h.way.describe(),
+                pace_name(h.pace),
+                t.failed(),
+                t.keep_alive.failed(),
+                t.failed_after_retry(),
+                h.cycles(),
+                h.way.cycle(),
+                ratio(h, 0.99),
+                ratio(h, 1.0),
+                silence(&h.trace, h.way.cycle())
+            ));
+        }
+        if let Ok(passes) = &m.wrk {
+            for p in passes {
+                lines.push(format!(
+                    "wrk ({}): {} errors in {} requests with {} deploys",
+                    wrk_mode(p.deploys.keep_alive),
+                    p.deploys.errors(),
+                    p.deploys.requests,
+                    p.deployed
+                ));
+            }
+        }
+        let d = &m.throughput;
+        lines.push(format!(
+            "C broken releases: {} failed requests; D throughput under baton / alone: {:.2}",
             m.broken.tally.failed(),
-            rate(&d.under_baton) / rate(&d.alone),
-            ready_to_drain.map_or("-".into(), |s| us(s.p50)),
-            us(b.idle_cpu),
-            b.idle_for.as_secs_f64(),
-            kib(b.before.rss_kib),
-            kib(b.after.rss_kib),
-            b.before.fds,
-            b.after.fds
-        )
+            rate(&d.under_baton) / rate(&d.alone)
+        ));
+        let records = m.deploys().map_or(&[][..], |b| &b.records[..]);
+        let app = spread(records.iter().filter_map(DeployRecord::app_handoff));
+        lines.push(format!(
+            "handoff READY=1 sent → drain signal received p50 {}; baton idle CPU {} in {:.0} s",
+            app.map_or("-".into(), |s| us(s.p50)),
+            us(m.idle.cpu),
+            m.idle.over.as_secs_f64()
+        ));
+        lines.join("\n")
     }
 }
 
@@ -696,11 +832,46 @@ fn rate(tally: &Tally) -> f64 {
     tally.ok() as f64 / tally.elapsed.as_secs_f64().max(1e-9)
 }
 
-fn per_100(failed: u64, cycles: usize) -> String {
-    if cycles == 0 {
+/// Latency at quantile `q` (1.0: the max) during the restarts / deploys,
+/// over the same in the steady phase.
+fn ratio(h: &Handoff, q: f64) -> String {
+    let (during, steady) = (h.trace.tally.all().latency, h.steady.all().latency);
+    if during.is_empty() || steady.is_empty() {
         return "-".into();
     }
-    format!("{:.0}", failed as f64 * 100.0 / cycles as f64)
+    let at = |hist: &Histogram<u64>| {
+        if q >= 1.0 {
+            hist.max()
+        } else {
+            hist.value_at_quantile(q)
+        }
+    };
+    format!("{:.2}×", at(&during) as f64 / at(&steady).max(1) as f64)
+}
+
+fn duration_ratio(during: Option<Duration>, steady: Option<Duration>) -> String {
+    match (during, steady) {
+        (Some(d), Some(s)) if !s.is_zero() => {
+            format!("{:.2}×", d.as_secs_f64() / s.as_secs_f64())
+        }
+        _ => "-".into(),
+    }
+}
+
+fn wrk_mode(keep_alive: bool) -> &'static str {
+    if keep_alive {
+        "keep-alive"
+    } else {
+        "`Connection: close`"
+    }
+}
+
+fn opt_ms(d: Option<Duration>) -> String {
+    d.map_or("-".into(), ms)
+}
+
+fn secs_f(s: f64) -> String {
+    format!("{s:.1} s")
 }
 
 /// The longest silence of a trace, and whether a restart or deploy (`what`)
@@ -740,7 +911,7 @@ pub fn us(d: Duration) -> String {
     format!("{} µs", d.as_micros())
 }
 
-fn secs(d: Duration) -> String {
+pub fn secs(d: Duration) -> String {
     format!("{:.1} s", d.as_secs_f64())
 }
 

@@ -4,12 +4,16 @@
 //! a scenario past its time stops early and the report says how far it got.
 
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime};
 
-use baton_testkit::load::{self, Load, Spec, Tally};
+use baton_testkit::app::held_listener;
+use baton_testkit::load::{self, Load, Pace, Spec, Tally};
 use baton_testkit::procs::{cpu_time, Footprint};
 use baton_testkit::{App, Baton, Listen, Mark, Setup};
+
+use crate::wrk::{WrkResult, WrkRun, WrkSpec};
 
 use crate::report::ms;
 use baton_testkit::Context;
@@ -36,10 +40,11 @@ const PROBE_LIMIT: Duration = Duration::from_secs(5);
 /// case nobody stops them.
 const LOAD_SLACK: Duration = Duration::from_secs(60);
 
-/// The plan's load, bounded by `limit` and some slack.
-fn spec(plan: &crate::Plan, limit: Duration) -> Spec {
+/// The plan's load at `pace`, bounded by `limit` and some slack.
+fn spec(plan: &crate::Plan, pace: Pace, limit: Duration) -> Spec {
     Spec {
         limit: limit + LOAD_SLACK,
+        pace,
         ..plan.load
     }
 }
@@ -152,6 +157,10 @@ pub struct DeployRecord {
     pub gone: Option<SystemTime>,
     /// baton's CPU time from just before the request until `gone`.
     pub cpu: Duration,
+    /// The app's side (its own log lines): the new generation sent READY=1,
+    /// and the drain signal reached the old one.
+    pub app_ready_sent: Option<SystemTime>,
+    pub app_drain_signal: Option<SystemTime>,
 }
 
 impl DeployRecord {
@@ -174,6 +183,12 @@ impl DeployRecord {
         between(self.ready?, self.drain_sent)
     }
 
+    /// The apps' side: the new one sent READY=1 → the drain signal reached
+    /// the old one (the datagram, baton, and the signal's delivery).
+    pub fn app_handoff(&self) -> Option<Duration> {
+        between(self.app_ready_sent?, self.app_drain_signal)
+    }
+
     /// Drain signal → the drained process exited.
     pub fn drain(&self) -> Option<Duration> {
         between(self.drain_sent?, self.gone)
@@ -192,29 +207,162 @@ fn between(from: SystemTime, to: Option<SystemTime>) -> Option<Duration> {
     to?.duration_since(from).ok()
 }
 
+/// How the app changes version in a handoff scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Way {
+    /// A: the app binds its port itself and is restarted stop-then-start
+    /// (what `systemctl restart` does): the socket closes in between.
+    Restart,
+    /// A′: stop-then-start, but the socket is held across it by someone
+    /// else (the bench, as systemd does for a socket-activated service):
+    /// connections wait in its queue instead of being refused.
+    HeldRestart,
+    /// B: the app under baton, deployed with `baton reload --wait`.
+    Deploy,
+}
+
+impl Way {
+    pub fn label(self) -> &'static str {
+        match self {
+            Way::Restart => "A",
+            Way::HeldRestart => "A′",
+            Way::Deploy => "B",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Way::Restart => "stop-then-start, socket closed",
+            Way::HeldRestart => "stop-then-start, socket held",
+            Way::Deploy => "baton deploys",
+        }
+    }
+
+    /// What one cycle is called.
+    pub fn cycle(self) -> &'static str {
+        match self {
+            Way::Restart | Way::HeldRestart => "restart",
+            Way::Deploy => "deploy",
+        }
+    }
+}
+
+/// One handoff scenario under one kind of load: a steady phase, then the
+/// same running setup through its restarts or deploys.
+pub struct Handoff {
+    pub way: Way,
+    pub pace: Pace,
+    /// The setup serving, nothing changing, for `plan.steady`.
+    pub steady: Tally,
+    /// The phase with the restarts or deploys.
+    pub trace: Trace,
+    pub planned: usize,
+    /// A, A′: per restart, SIGTERM sent → the new process answers.
+    pub outages: Vec<Duration>,
+    /// B: per deploy.
+    pub records: Vec<DeployRecord>,
+}
+
+impl Handoff {
+    /// Restarts or deploys done.
+    pub fn cycles(&self) -> usize {
+        self.outages.len() + self.records.len()
+    }
+
+    pub fn open(&self) -> bool {
+        matches!(self.pace, Pace::Open { .. })
+    }
+}
+
+/// baton at rest, measured before B's closed-loop run.
+pub struct Idle {
+    /// baton's CPU time while nothing happened, and over how long.
+    pub cpu: Duration,
+    pub over: Duration,
+    /// baton before the first deploy and after the last.
+    pub before: Footprint,
+    pub after: Footprint,
+}
+
 /// Everything measured, for the report.
 pub struct Measurements {
-    pub baseline: Baseline,
-    pub deploys: Deploys,
+    /// Closed-loop answers per second of the app alone, measured first;
+    /// the open-loop runs send half of it.
+    pub calibration: f64,
+    pub open_rate: f64,
+    /// A, A′ and B, closed loop then open loop.
+    pub handoffs: Vec<Handoff>,
+    pub idle: Idle,
+    /// The wrk cross-check under baton, or why it did not run.
+    pub wrk: Result<Vec<WrkPass>, String>,
     pub broken: Broken,
     pub throughput: Throughput,
     pub scale: Vec<Scale>,
 }
 
+impl Measurements {
+    pub fn handoff(&self, way: Way, open: bool) -> Option<&Handoff> {
+        self.handoffs
+            .iter()
+            .find(|h| h.way == way && h.open() == open)
+    }
+
+    /// B's closed-loop run: the deploys whose baton figures the report
+    /// gives.
+    pub fn deploys(&self) -> Option<&Handoff> {
+        self.handoff(Way::Deploy, false)
+    }
+}
+
+/// Share of the app's closed-loop throughput the open-loop runs send.
+pub const OPEN_SHARE: f64 = 0.5;
+
 pub fn run_all(env: &Env) -> Result<Measurements> {
     let plan = &env.plan;
     println!(
-        "A: the app alone, restarted stop-then-start {} times under load",
-        plan.restarts
+        "calibrating: the app alone, closed loop, {}",
+        crate::report::secs(plan.steady)
     );
-    let baseline = baseline(env)?;
-    println!("   {}", summary(&baseline.trace.tally));
-    println!(
-        "B: the app under baton, {} deploys under load",
-        plan.deploys
-    );
-    let deploys = deploys(env)?;
-    println!("   {}", summary(&deploys.trace.tally));
+    let calibration = calibrate(env)?;
+    let open_rate = (calibration * OPEN_SHARE).max(100.0);
+    println!("   {calibration:.0} answers/s; open-loop runs send {open_rate:.0} requests/s");
+    let mut handoffs = Vec::new();
+    let mut idle = None;
+    for pace in [Pace::Closed, Pace::Open { rate: open_rate }] {
+        for way in [Way::Restart, Way::HeldRestart, Way::Deploy] {
+            println!(
+                "{} ({}), {}: {} steady, then {} {}s",
+                way.label(),
+                way.describe(),
+                pace_name(pace),
+                crate::report::secs(plan.steady),
+                if way == Way::Deploy {
+                    plan.deploys
+                } else {
+                    plan.restarts
+                },
+                way.cycle()
+            );
+            let handoff = match way {
+                Way::Deploy => {
+                    let (handoff, measured) = deploys(env, pace, idle.is_none())?;
+                    idle = idle.or(measured);
+                    handoff
+                }
+                _ => restarts(env, way, pace)?,
+            };
+            println!(
+                "   steady: {}
+   {}s: {}",
+                summary(&handoff.steady),
+                way.cycle(),
+                summary(&handoff.trace.tally)
+            );
+            handoffs.push(handoff);
+        }
+    }
+    let idle = idle.ok_or_else(|| Error::Bench("B measured no idle baton".into()))?;
+    let wrk = cross_check(env)?;
     println!(
         "C: broken releases under baton, {} of each kind",
         plan.broken_each
@@ -232,45 +380,78 @@ pub fn run_all(env: &Env) -> Result<Measurements> {
     );
     let scale = scale(env)?;
     Ok(Measurements {
-        baseline,
-        deploys,
+        calibration,
+        open_rate,
+        handoffs,
+        idle,
+        wrk,
         broken,
         throughput,
         scale,
     })
 }
 
+pub fn pace_name(pace: Pace) -> String {
+    match pace {
+        Pace::Closed => "closed loop".into(),
+        Pace::Open { rate } => format!("open loop at {rate:.0}/s"),
+    }
+}
+
 fn summary(tally: &Tally) -> String {
     format!(
-        "{} requests answered, {} failed, {} keep-alive retries",
+        "{} requests answered, {} failed ({} on keep-alive), {} keep-alive retries ({} answered)",
         tally.ok(),
         tally.failed(),
-        tally.retried
+        tally.keep_alive.failed(),
+        tally.retried,
+        tally.recovered
     )
 }
 
-// ---------------------------------------------------------------------------
-// A: stop-then-start
-// ---------------------------------------------------------------------------
-
-pub struct Baseline {
-    pub trace: Trace,
-    pub planned: usize,
-    /// Per restart: SIGTERM sent → the new process answers.
-    pub outages: Vec<Duration>,
-}
-
-/// The app binding its port itself, restarted the way `systemctl restart`
-/// does it: stop, wait for the exit, start.
-fn baseline(env: &Env) -> Result<Baseline> {
+/// The app alone under the closed-loop load: its answers per second.
+fn calibrate(env: &Env) -> Result<f64> {
     let plan = &env.plan;
     let address = free_port()?;
-    let mut app = App::start(&env.binaries.hello, address, Some(1), BOOT_DELAY)?;
+    let mut app = App::start(&env.binaries.hello, address, None, Duration::ZERO)?;
     wait_answering(&mut app, address)?;
+    let tally = measure(address, spec(plan, Pace::Closed, plan.steady), plan.steady);
+    Ok(tally.ok() as f64 / tally.elapsed.as_secs_f64().max(1e-9))
+}
+
+// ---------------------------------------------------------------------------
+// A and A′: stop-then-start
+// ---------------------------------------------------------------------------
+
+/// The app restarted the way `systemctl restart` does it: stop, wait for
+/// the exit, start. A: it binds the port itself; A′: the bench holds the
+/// socket across the restart and passes it in (fd 3, `LISTEN_FDS`).
+fn restarts(env: &Env, way: Way, pace: Pace) -> Result<Handoff> {
+    let plan = &env.plan;
+    let held = match way {
+        Way::HeldRestart => Some(held_listener()?),
+        _ => None,
+    };
+    let address = match &held {
+        Some(listener) => listener.local_addr().context(|| "getsockname")?,
+        None => free_port()?,
+    };
+    let start = |generation| match &held {
+        Some(listener) => App::start_on(
+            &env.binaries.hello,
+            listener.as_fd(),
+            Some(generation),
+            BOOT_DELAY,
+        ),
+        None => App::start(&env.binaries.hello, address, Some(generation), BOOT_DELAY),
+    };
+    let mut app = start(1)?;
+    wait_answering(&mut app, address)?;
+    let steady = measure(address, spec(plan, pace, plan.steady), plan.steady);
     // The timeline starts with the load; the first process already serves.
     let clock = Clock::start();
     let mut lives = vec![lifespan(1, 0.0, Some(0.0))];
-    let load = Load::start(address, clock.origin, spec(plan, plan.limit));
+    let load = Load::start(address, clock.origin, spec(plan, pace, plan.limit));
     let deadline = Instant::now() + plan.limit;
     let (mut cycles, mut outages) = (Vec::new(), Vec::new());
     for restart in 1..=plan.restarts {
@@ -282,7 +463,7 @@ fn baseline(env: &Env) -> Result<Baseline> {
         app.terminate();
         let exited = app.wait_exit(EXIT_LIMIT)?;
         let generation = restart as u64 + 1;
-        app = App::start(&env.binaries.hello, address, Some(generation), BOOT_DELAY)?;
+        app = start(generation)?;
         let spawned = Instant::now();
         let answering = wait_answering(&mut app, address)?;
         if let Some(old) = lives.last_mut() {
@@ -297,25 +478,30 @@ fn baseline(env: &Env) -> Result<Baseline> {
             drain_end: Some(clock.since(exited)),
         });
         outages.push(answering - stopped);
-        println!(
-            "   restart {restart}/{}: answering again {} after SIGTERM",
-            plan.restarts,
-            ms(answering - stopped)
-        );
+        if restart % plan.print_every == 0 || restart == plan.restarts {
+            println!(
+                "   restart {restart}/{}: answering again {} after SIGTERM",
+                plan.restarts,
+                ms(answering - stopped)
+            );
+        }
     }
     sleep(plan.spacing);
     let end = clock.since(Instant::now());
     let tally = load.stop();
-    let trace = Trace {
-        tally,
-        cycles,
-        lifespans: lives,
-        end,
-    };
-    Ok(Baseline {
-        trace,
+    Ok(Handoff {
+        way,
+        pace,
+        steady,
+        trace: Trace {
+            tally,
+            cycles,
+            lifespans: lives,
+            end,
+        },
         planned: plan.restarts,
         outages,
+        records: Vec::new(),
     })
 }
 
@@ -360,31 +546,28 @@ fn wait_answering(app: &mut App, address: SocketAddr) -> Result<Instant> {
 // B: deploys under baton
 // ---------------------------------------------------------------------------
 
-pub struct Deploys {
-    pub trace: Trace,
-    pub planned: usize,
-    pub records: Vec<DeployRecord>,
-    /// baton's CPU time while nothing happened, and over how long.
-    pub idle_cpu: Duration,
-    pub idle_for: Duration,
-    /// baton before the first deploy and after the last.
-    pub before: Footprint,
-    pub after: Footprint,
-}
-
-fn deploys(env: &Env) -> Result<Deploys> {
+/// B: a steady phase, then `plan.deploys` deploys, under `pace`. With
+/// `idle`, baton's CPU at rest and its footprint are measured first.
+fn deploys(env: &Env, pace: Pace, idle: bool) -> Result<(Handoff, Option<Idle>)> {
     let plan = &env.plan;
     let baton = Baton::start_with(&env.setup(BOOT_DELAY), env.launch())?;
     let address = first_address(&baton)?;
-    let idle_started = Instant::now();
-    let idle_before = cpu_time(baton.pid())?;
-    sleep(plan.idle);
-    let idle_cpu = cpu_time(baton.pid())?.saturating_sub(idle_before);
-    let idle_for = idle_started.elapsed();
-    let before = Footprint::of(baton.pid())?;
-
+    let rest = match idle {
+        true => {
+            let started = Instant::now();
+            let before = cpu_time(baton.pid())?;
+            sleep(plan.idle);
+            Some((
+                cpu_time(baton.pid())?.saturating_sub(before),
+                started.elapsed(),
+                Footprint::of(baton.pid())?,
+            ))
+        }
+        false => None,
+    };
+    let steady = measure(address, spec(plan, pace, plan.steady), plan.steady);
     let clock = Clock::start();
-    let load = Load::start(address, clock.origin, spec(plan, plan.limit));
+    let load = Load::start(address, clock.origin, spec(plan, pace, plan.limit));
     let deadline = Instant::now() + plan.limit;
     let mut records = Vec::new();
     for n in 1..=plan.deploys {
@@ -401,22 +584,30 @@ fn deploys(env: &Env) -> Result<Deploys> {
     sleep(plan.spacing);
     let end = clock.since(Instant::now());
     let tally = load.stop();
-    let after = Footprint::of(baton.pid())?;
-    let trace = Trace {
-        tally,
-        cycles: records.iter().map(|r| r.cycle(&clock)).collect(),
-        lifespans: lifespans(&baton, &clock),
-        end,
+    let idle = match rest {
+        Some((cpu, over, before)) => Some(Idle {
+            cpu,
+            over,
+            before,
+            after: Footprint::of(baton.pid())?,
+        }),
+        None => None,
     };
-    Ok(Deploys {
-        trace,
+    let handoff = Handoff {
+        way: Way::Deploy,
+        pace,
+        steady,
+        trace: Trace {
+            tally,
+            cycles: records.iter().map(|r| r.cycle(&clock)).collect(),
+            lifespans: lifespans(&baton, &clock),
+            end,
+        },
         planned: plan.deploys,
+        outages: Vec::new(),
         records,
-        idle_cpu,
-        idle_for,
-        before,
-        after,
-    })
+    };
+    Ok((handoff, idle))
 }
 
 fn first_address(baton: &Baton) -> Result<SocketAddr> {
@@ -452,6 +643,15 @@ pub fn deploy(baton: &Baton) -> Result<DeployRecord> {
         None => None,
     };
     let cpu = cpu_time(baton.pid())?.saturating_sub(cpu_before);
+    // The app's own lines: it logs them when it sent READY=1 and when the
+    // drain signal reached it (the old one has exited: its line is in).
+    let (app_ready_sent, app_drain_signal) = match (ok, leaving) {
+        (true, Some(old)) => (
+            baton.mark(generation, Mark::AppReadySent),
+            baton.mark(old, Mark::AppDrainSignal),
+        ),
+        _ => (None, None),
+    };
     Ok(DeployRecord {
         ok,
         outcome,
@@ -463,6 +663,8 @@ pub fn deploy(baton: &Baton) -> Result<DeployRecord> {
         drain_sent: leaving.and_then(|g| baton.mark(g, Mark::Draining)),
         gone,
         cpu,
+        app_ready_sent,
+        app_drain_signal,
     })
 }
 
@@ -482,6 +684,82 @@ fn lifespans(baton: &Baton, clock: &Clock) -> Vec<Lifespan> {
             })
         })
         .collect()
+}
+
+// ---------------------------------------------------------------------------
+// The wrk cross-check
+// ---------------------------------------------------------------------------
+
+/// One wrk pass per mode against the app under baton: steady, then with
+/// deploys every `plan.spacing`.
+pub struct WrkPass {
+    pub steady: WrkResult,
+    pub deploys: WrkResult,
+    /// Deploys done during the second run, and how many failed.
+    pub deployed: usize,
+    pub deploys_failed: usize,
+}
+
+/// A wrk run for `duration`, with as many connections as the bench's own
+/// clients.
+fn wrk_spec(env: &Env, keep_alive: bool, duration: Duration) -> WrkSpec {
+    let mix = env.plan.load.mix;
+    WrkSpec {
+        connections: mix.fresh + mix.keep_alive,
+        threads: 1,
+        duration,
+        keep_alive,
+        timeout: env.plan.load.request_timeout,
+    }
+}
+
+fn cross_check(env: &Env) -> Result<Result<Vec<WrkPass>, String>> {
+    let Some(wrk) = crate::wrk::find() else {
+        println!("wrk cross-check: skipped, wrk is not installed (apt-get install wrk)");
+        return Ok(Err("wrk is not installed (`apt-get install wrk`)".into()));
+    };
+    let plan = &env.plan;
+    let mut passes = Vec::new();
+    for keep_alive in [true, false] {
+        println!(
+            "wrk cross-check ({}): {} steady, then {} with deploys",
+            if keep_alive {
+                "keep-alive"
+            } else {
+                "Connection: close"
+            },
+            crate::report::secs(plan.steady),
+            crate::report::secs(plan.wrk_for)
+        );
+        let baton = Baton::start_with(&env.setup(BOOT_DELAY), env.launch())?;
+        let address = first_address(&baton)?;
+        let steady = WrkRun::start(&wrk, address, &wrk_spec(env, keep_alive, plan.steady))?;
+        let steady = steady.finish()?;
+        let run = WrkRun::start(&wrk, address, &wrk_spec(env, keep_alive, plan.wrk_for))?;
+        let until = Instant::now() + plan.wrk_for;
+        let (mut deployed, mut deploys_failed) = (0, 0);
+        while Instant::now() + plan.spacing < until {
+            sleep(plan.spacing);
+            let record = deploy(&baton)?;
+            deployed += 1;
+            deploys_failed += usize::from(!record.ok);
+        }
+        let deploys = run.finish()?;
+        println!(
+            "   steady: {} requests, {} errors; with {deployed} deploys: {} requests, {} errors",
+            steady.requests,
+            steady.errors(),
+            deploys.requests,
+            deploys.errors()
+        );
+        passes.push(WrkPass {
+            steady,
+            deploys,
+            deployed,
+            deploys_failed,
+        });
+    }
+    Ok(Ok(passes))
 }
 
 // ---------------------------------------------------------------------------
@@ -509,7 +787,7 @@ fn broken(env: &Env) -> Result<Broken> {
     let baton = Baton::start_with(&good, env.launch())?;
     let address = first_address(&baton)?;
     let clock = Clock::start();
-    let load = Load::start(address, clock.origin, spec(plan, plan.limit));
+    let load = Load::start(address, clock.origin, spec(plan, Pace::Closed, plan.limit));
     let deadline = Instant::now() + plan.limit;
     let kinds = [
         ("crash before ready", "crash"),
@@ -585,7 +863,7 @@ fn throughput(env: &Env) -> Result<Throughput> {
         let mut rps = [0.0; 2];
         for side in order {
             let address = [alone_address, baton_address][side];
-            let tally = measure(address, plan, plan.round);
+            let tally = measure(address, spec(plan, Pace::Closed, plan.round), plan.round);
             rps[side] = tally.ok() as f64 / tally.elapsed.as_secs_f64();
             sides[side].merge(&tally);
             sides[side].elapsed += tally.elapsed;
@@ -609,8 +887,9 @@ fn throughput(env: &Env) -> Result<Throughput> {
     })
 }
 
-fn measure(address: SocketAddr, plan: &crate::Plan, over: Duration) -> Tally {
-    let load = Load::start(address, Instant::now(), spec(plan, over));
+/// The load `spec` for `over`, then stopped.
+fn measure(address: SocketAddr, spec: Spec, over: Duration) -> Tally {
+    let load = Load::start(address, Instant::now(), spec);
     sleep(over);
     load.stop()
 }

@@ -1,7 +1,9 @@
-//! The example app run alone, binding its own port: the baseline baton is
-//! compared with.
+//! The example app run alone, binding its own port or given a socket that
+//! someone else holds across its restarts (as plain socket activation
+//! does): the baselines baton is compared with.
 
 use std::net::SocketAddr;
+use std::os::fd::BorrowedFd;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -29,8 +31,26 @@ impl App {
     ) -> Result<App> {
         let mut command = Command::new(hello);
         procs::clean_env(&mut command);
+        command.env("HELLO_ADDR", address.to_string());
+        App::spawn(command, generation, boot_delay)
+    }
+
+    /// Starts hello on a listening socket the caller holds (fd 3,
+    /// `LISTEN_FDS=1`, `LISTEN_PID` its own pid): the socket, and the
+    /// connections waiting in its queue, outlive the app.
+    pub fn start_on(
+        hello: &Path,
+        listener: BorrowedFd<'_>,
+        generation: Option<u64>,
+        boot_delay: Duration,
+    ) -> Result<App> {
+        let command = crate::activate::command(hello, &[] as &[&str], &[("http", listener)])
+            .context(|| "cannot pass the socket to the example app")?;
+        App::spawn(command, generation, boot_delay)
+    }
+
+    fn spawn(mut command: Command, generation: Option<u64>, boot_delay: Duration) -> Result<App> {
         command
-            .env("HELLO_ADDR", address.to_string())
             .env("HELLO_BOOT_DELAY_MS", boot_delay.as_millis().to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -88,6 +108,19 @@ impl App {
         }
         Ok(status)
     }
+}
+
+/// A listening socket on 127.0.0.1 at a port the kernel picks, with the
+/// backlog baton gives its listeners (1024): for [`App::start_on`].
+pub fn held_listener() -> Result<std::net::TcpListener> {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").context(|| "cannot bind 127.0.0.1:0")?;
+    // listen(2) again on a listening socket sets its backlog.
+    nix::sys::socket::Backlog::new(1024)
+        .and_then(|backlog| nix::sys::socket::listen(&listener, backlog))
+        .map_err(std::io::Error::from)
+        .context(|| "listen(1024)")?;
+    Ok(listener)
 }
 
 impl Drop for App {

@@ -33,7 +33,7 @@ pub use app::App;
 pub use baton::notice::{ExitStatus, Failure, Notice};
 pub use binaries::Binaries;
 pub use harness::{Baton, Launch, Listen, Setup};
-pub use load::{Load, Mix, Spec, Tally};
+pub use load::{Load, Mix, Pace, Spec, Tally};
 pub use log::Mark;
 pub use procs::{alive, eventually, kill_started};
 

@@ -1,14 +1,25 @@
-//! The closed-loop HTTP load generator, and single requests.
+//! The HTTP load generator, closed- or open-loop, and single requests.
 //!
 //! `fresh` clients send each request on a new connection (`Connection:
-//! close`); `keep_alive` clients reuse one connection. Closed loop: a client
-//! sends its next request when the last one has finished, so the load
-//! follows what the server answers.
+//! close`); `keep_alive` clients reuse one connection. [`Pace::Closed`]: a
+//! client sends its next request when the last one has finished, so the
+//! load follows what the server answers (and an outage shows as a few slow
+//! requests). [`Pace::Open`]: requests go out on a fixed schedule (as wrk2
+//! sends them), and a request's latency counts from when it was *due*, so a
+//! stall shows in full in the latencies (no coordinated omission).
+//!
+//! Every failure counts. A keep-alive request that fails on a reused
+//! connection is a failure; the client then sends it again, once, on a new
+//! connection, as HTTP clients retry idempotent requests (RFC 9112
+//! §9.3.1): that retry is a request of its own, and [`Tally::retried`] and
+//! [`Tally::recovered`] say how many there were and how many got an answer
+//! (what a client that retries would not have seen fail).
 //!
 //! A load runs on a thread of its own (a current-thread tokio runtime, all
-//! clients as tasks), apart from whatever drives the deploys: a busy
-//! orchestration never holds the clients up, and the heartbeat measures
-//! only the load's own event loop.
+//! clients as tasks), apart from whatever drives the deploys, and pinned to
+//! the last CPU it may use when there are several: a busy orchestration
+//! never holds the clients up, and the heartbeat measures only the load's
+//! own event loop.
 //!
 //! Every request is bounded by [`Spec::request_timeout`] and every client
 //! by the load's deadline. Results are counted by outcome (ok, refused,
@@ -57,20 +68,35 @@ pub struct Spec {
     /// The clients stop by themselves this long after the start, in case
     /// nobody stops them.
     pub limit: Duration,
+    pub pace: Pace,
+}
+
+/// When clients send.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pace {
+    /// Each client sends its next request when the last one finished.
+    Closed,
+    /// `rate` requests a second in all, spread evenly over the clients,
+    /// each on its own fixed schedule; a request's latency counts from its
+    /// due time. A client behind its schedule sends at once (no pause
+    /// after a failure either).
+    Open { rate: f64 },
 }
 
 impl Default for Spec {
-    /// The integration tests' load: 32 fresh-connection clients and one
-    /// keep-alive client, 10 s per request, at most two minutes.
+    /// The integration tests' load: 16 fresh-connection clients and 8
+    /// keep-alive clients, closed loop, 10 s per request, at most two
+    /// minutes.
     fn default() -> Spec {
         Spec {
             mix: Mix {
-                fresh: 32,
-                keep_alive: 1,
+                fresh: 16,
+                keep_alive: 8,
             },
             request_timeout: Duration::from_secs(10),
             failure_pause: Duration::from_millis(10),
             limit: Duration::from_secs(120),
+            pace: Pace::Closed,
         }
     }
 }
@@ -148,8 +174,8 @@ pub struct Stats {
     pub timed_out: u64,
     pub wrong: u64,
     pub other: u64,
-    /// Microseconds from the start of a request to its complete response,
-    /// answered requests only (a keep-alive retry included).
+    /// Microseconds from the start of a request (open loop: from when it
+    /// was due) to its complete response, answered requests only.
     pub latency: Histogram<u64>,
 }
 
@@ -242,8 +268,11 @@ pub struct Tally {
     pub fresh: Stats,
     pub keep_alive: Stats,
     /// Keep-alive requests sent again on a new connection because the
-    /// reused one closed before any byte of the response.
+    /// reused one closed before any byte of the response (each such first
+    /// attempt is counted as failed).
     pub retried: u64,
+    /// Of those, the retries that got an answer.
+    pub recovered: u64,
     pub timeline: Timeline,
     /// When each generation's first answer arrived.
     pub first_answer: BTreeMap<u64, Instant>,
@@ -253,6 +282,8 @@ pub struct Tally {
     pub elapsed: Duration,
     /// The longest the load generator itself was held up.
     pub stall: Stall,
+    /// The CPU the load's thread was pinned to, if it was.
+    pub pinned: Option<usize>,
 }
 
 /// The longest the load's own event loop was held up (descheduled on a
@@ -272,6 +303,12 @@ impl Tally {
 
     pub fn failed(&self) -> u64 {
         self.fresh.failed() + self.keep_alive.failed()
+    }
+
+    /// The failures a client would have seen that retries a request once
+    /// when a reused keep-alive connection closed under it.
+    pub fn failed_after_retry(&self) -> u64 {
+        self.failed().saturating_sub(self.recovered)
     }
 
     /// Answers per generation that gave them.
@@ -295,6 +332,7 @@ impl Tally {
         self.fresh.merge(&other.fresh);
         self.keep_alive.merge(&other.keep_alive);
         self.retried += other.retried;
+        self.recovered += other.recovered;
         self.timeline.merge(&other.timeline);
         for (&generation, &at) in &other.first_answer {
             let first = self.first_answer.entry(generation).or_insert(at);
@@ -303,6 +341,7 @@ impl Tally {
         if other.stall.late > self.stall.late {
             self.stall = other.stall;
         }
+        self.pinned = self.pinned.or(other.pinned);
         for (error, n) in &other.errors {
             if self.errors.len() < MAX_ERROR_KINDS || self.errors.contains_key(error) {
                 *self.errors.entry(error.clone()).or_default() += n;
@@ -310,6 +349,7 @@ impl Tally {
         }
     }
 
+    /// Counts one request that began (or was due) at `began`.
     fn record(&mut self, kind: Kind, result: Result<u64, Failed>, began: Instant, origin: Instant) {
         let now = Instant::now();
         let window = window_of(origin, now);
@@ -346,7 +386,7 @@ impl fmt::Display for Tally {
         write!(
             f,
             "{} answered {:?}, {} failed (refused {}, reset {}, timed out {}, wrong {}, \
-             other {}), {} keep-alive retries in {:.1} s",
+             other {}), {} keep-alive retries ({} answered) in {:.1} s",
             self.ok(),
             self.by_generation(),
             self.failed(),
@@ -356,6 +396,7 @@ impl fmt::Display for Tally {
             all.wrong,
             all.other,
             self.retried,
+            self.recovered,
             self.elapsed.as_secs_f64()
         )?;
         if !self.errors.is_empty() {
@@ -401,11 +442,15 @@ impl Load {
         let thread = std::thread::Builder::new()
             .name("load".into())
             .spawn(move || {
+                let pinned = pin_to_last_cpu();
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                     .expect("a tokio runtime for the load");
-                runtime.block_on(run(target, spec, origin, deadline, flag, running))
+                let mut tally =
+                    runtime.block_on(run(target, spec, origin, deadline, flag, running));
+                tally.pinned = pinned;
+                tally
             })
             .expect("a thread for the load");
         // Bounded: the thread reports at once, or has panicked (then its
@@ -440,6 +485,22 @@ impl Drop for Load {
     }
 }
 
+/// Pins the calling thread to the highest-numbered CPU it may run on, when
+/// it may run on more than one; that CPU.
+fn pin_to_last_cpu() -> Option<usize> {
+    use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+    let me = nix::unistd::Pid::from_raw(0);
+    let allowed = sched_getaffinity(me).ok()?;
+    let cpus: Vec<usize> = (0..CpuSet::count())
+        .filter(|&c| allowed.is_set(c).unwrap_or(false))
+        .collect();
+    let &last = cpus.last().filter(|_| cpus.len() > 1)?;
+    let mut only = CpuSet::new();
+    only.set(last).ok()?;
+    sched_setaffinity(me, &only).ok()?;
+    Some(last)
+}
+
 /// Every client and the heartbeat, on the load's runtime.
 async fn run(
     target: SocketAddr,
@@ -451,9 +512,13 @@ async fn run(
 ) -> Tally {
     let kinds = std::iter::repeat_n(Kind::Fresh, spec.mix.fresh)
         .chain(std::iter::repeat_n(Kind::KeepAlive, spec.mix.keep_alive));
+    let count = spec.mix.fresh + spec.mix.keep_alive;
+    let start = Instant::now();
     let clients: Vec<_> = kinds
-        .map(|kind| {
-            let client = client(kind, target, spec, origin, deadline, stop.clone());
+        .enumerate()
+        .map(|(i, kind)| {
+            let schedule = Schedule::new(spec.pace, start, i, count);
+            let client = client(kind, target, spec, schedule, origin, deadline, stop.clone());
             tokio::spawn(client)
         })
         .collect();
@@ -473,11 +538,44 @@ async fn run(
     total
 }
 
-/// One client's closed loop, until told to stop or past its deadline.
+/// When one client's requests are due (open loop only).
+struct Schedule {
+    /// The next request's due time, and the time between two.
+    next: Instant,
+    interval: Duration,
+}
+
+impl Schedule {
+    /// Client `i` of `count`: its share of the rate, its first request
+    /// offset by its place, so the clients do not send in lockstep.
+    fn new(pace: Pace, start: Instant, i: usize, count: usize) -> Option<Schedule> {
+        let Pace::Open { rate } = pace else {
+            return None;
+        };
+        let interval = Duration::from_secs_f64(count as f64 / rate.max(f64::MIN_POSITIVE));
+        let offset = interval.mul_f64(i as f64 / count.max(1) as f64);
+        Some(Schedule {
+            next: start + offset,
+            interval,
+        })
+    }
+
+    /// Waits until the next request is due (not at all when behind) and
+    /// returns its due time.
+    async fn due(&mut self) -> Instant {
+        let due = self.next;
+        self.next += self.interval;
+        tokio::time::sleep_until(due.into()).await;
+        due
+    }
+}
+
+/// One client's loop, until told to stop or past its deadline.
 async fn client(
     kind: Kind,
     target: SocketAddr,
     spec: Spec,
+    mut schedule: Option<Schedule>,
     origin: Instant,
     deadline: Instant,
     stop: Arc<AtomicBool>,
@@ -486,16 +584,22 @@ async fn client(
     let mut connection = None;
     let limit = spec.request_timeout;
     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-        let began = Instant::now();
-        let result = match kind {
-            Kind::Fresh => bounded(limit, fresh_request(target)).await,
+        let began = match schedule.as_mut() {
+            Some(schedule) => schedule.due().await,
+            None => Instant::now(),
+        };
+        let failed = match kind {
+            Kind::Fresh => {
+                let result = bounded(limit, fresh_request(target)).await;
+                let failed = result.is_err();
+                tally.record(kind, result, began, origin);
+                failed
+            }
             Kind::KeepAlive => {
-                keep_alive_request(target, limit, &mut connection, &mut tally.retried).await
+                keep_alive_request(target, limit, &mut connection, &mut tally, began, origin).await
             }
         };
-        let failed = result.is_err();
-        tally.record(kind, result, began, origin);
-        if failed {
+        if failed && schedule.is_none() {
             sleep(spec.failure_pause).await;
         }
     }
@@ -589,31 +693,43 @@ async fn get(mut stream: impl AsyncRead + AsyncWrite + Unpin) -> Result<u64, Fai
 /// A kept-alive connection.
 type Connection = BufReader<TcpStream>;
 
-/// One GET on the kept-alive connection, opening one if there is none.
+/// One GET on the kept-alive connection, opening one if there is none;
+/// counts it in `tally`. Returns whether it failed in the end.
 ///
 /// Like real HTTP clients, an idempotent request is sent again, once, on a
 /// new connection when a *reused* connection closed before any byte of the
 /// response: the server may close an idle connection just as the request
-/// goes out (hello closes idle connections when it drains).
+/// goes out. The first attempt is counted as a failure all the same; the
+/// retry is a request of its own ([`Tally::retried`], [`Tally::recovered`]).
 async fn keep_alive_request(
     target: SocketAddr,
     limit: Duration,
     connection: &mut Option<Connection>,
-    retried: &mut u64,
-) -> Result<u64, Failed> {
+    tally: &mut Tally,
+    began: Instant,
+    origin: Instant,
+) -> bool {
     let reused = connection.is_some();
     let mut result = bounded(limit, exchange(target, connection)).await;
-    if let Err(failed) = &result {
-        if reused && failed.before_response && failed.kind == Failure::Reset {
-            *retried += 1;
-            *connection = None;
-            result = bounded(limit, exchange(target, connection)).await;
+    let retry = match &result {
+        Err(failed) => reused && failed.before_response && failed.kind == Failure::Reset,
+        Ok(_) => false,
+    };
+    if retry {
+        *connection = None;
+        tally.record(Kind::KeepAlive, result, began, origin);
+        tally.retried += 1;
+        result = bounded(limit, exchange(target, connection)).await;
+        if result.is_ok() {
+            tally.recovered += 1;
         }
     }
-    if result.is_err() {
+    let failed = result.is_err();
+    if failed {
         *connection = None;
     }
-    result
+    tally.record(Kind::KeepAlive, result, began, origin);
+    failed
 }
 
 /// Sends one request on `connection` (connecting first if it is `None`)

@@ -40,13 +40,15 @@ const INHERITED: &[&str] = &[
     "HELLO_BOOT_DELAY_MS",
     "HELLO_BOOT_GATE",
     "HELLO_EXPECT_FDNAMES",
+    "HELLO_DRAIN_IDLE_MS",
 ];
 
 pub(crate) fn register(pid: i32) {
     started().push(pid);
 }
 
-pub(crate) fn unregister(pid: i32) {
+/// Forgets `pid`: it has been reaped (its number may be reused).
+pub fn unregister(pid: i32) {
     started().retain(|&p| p != pid);
 }
 
@@ -98,8 +100,9 @@ pub(crate) fn clean_env(command: &mut Command) {
     }
 }
 
-/// Spawns `command` as the leader of a new process group and registers it.
-pub(crate) fn spawn(command: &mut Command, what: &str) -> Result<(Child, i32)> {
+/// Spawns `command` as the leader of a new process group and registers it
+/// (for [`kill_started`]; [`unregister`] it once reaped).
+pub fn spawn(command: &mut Command, what: &str) -> Result<(Child, i32)> {
     // Its own group: a Ctrl-C in the terminal reaches only the test or the
     // bench, and killpg reaches whatever the process forks.
     let child = command
