@@ -55,8 +55,8 @@
 //! (`CLOCK_REALTIME`, the clock of baton's log timestamps) in microseconds
 //! since the Unix epoch:
 //!
-//! * `hello: generation G pid P ready-sent at U` right after the `READY=1`
-//!   datagram was sent;
+//! * `hello: generation G pid P ready-sent at U` once the `READY=1`
+//!   datagram was sent, U taken just before sending it;
 //! * `hello: generation G pid P drain-signal at U` right after a drain
 //!   signal (SIGTERM/SIGINT) reached us, whatever we were doing.
 //!
@@ -221,10 +221,13 @@ async fn serve(
     // The listeners are already listening: connections made from now on wait
     // in the kernel's backlog until the accept loops pick them up.
     let ready = format!("READY=1\nSTATUS=serving generation {}", app.generation);
+    // For the benchmark: when READY=1 leaves us, by the clock of baton's
+    // log (its `Ready` is when baton had processed it). Taken before the
+    // send: taken after, a descheduling between the two could put it past
+    // the old generation's receipt of its drain signal.
+    let sending = wall_clock_micros();
     if notify(&ready) {
-        // For the benchmark: when READY=1 left us, by the clock of baton's
-        // log (its `Ready` is when baton had processed it).
-        say!("{app} ready-sent at {}", wall_clock_micros());
+        say!("{app} ready-sent at {sending}");
     }
 
     let name = next_drain_signal(&mut signals, &app, ignore).await;
