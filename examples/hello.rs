@@ -64,7 +64,8 @@
 //!
 //! Just enough for requests without a body: every request gets
 //! `generation=<G> pid=<P>`; `/slow?ms=N` (N <= 60000, else 400) waits
-//! N ms first, to keep a request in flight across a drain. Connections are
+//! N ms first, to keep a request in flight across a drain. `/healthz`
+//! answers `200 ok`, or as `HELLO_HEALTH` says (below). Connections are
 //! kept alive unless the client asks otherwise or a drain has begun. Every
 //! wait on a client is bounded, so is the drain: a request head must arrive
 //! within 30 s (`HEAD_TIMEOUT`), an idle connection within the grace, and
@@ -84,6 +85,17 @@
 //! * `HELLO_FAIL=never-ready`: hold the sockets but never register them,
 //!   never accept and never send `READY=1` (an app stuck in its init);
 //!   exit 0 on SIGTERM/SIGINT.
+//! * `HELLO_FAIL=exit-after-ready`: send `READY=1` but never serve, then
+//!   exit with code 3 after `HELLO_EXIT_AFTER_MS` (default 1000): a release
+//!   that says it is ready and then dies, as gunicorn's arbiter does when
+//!   its workers fail to import the app.
+//! * `HELLO_HEALTH=fail`: `/healthz` answers `500`; `HELLO_HEALTH=hang`:
+//!   it never answers (the connection stays open until the client gives
+//!   up or the drain ends it). Other paths are served as usual: a release
+//!   that serves but is unhealthy.
+//! * `HELLO_WEDGE_GATE=DIR`: `/healthz` hangs once the file
+//!   `DIR/<BATON_GENERATION>-wedged` exists (checked at each request): a
+//!   generation that wedges while it serves, when a test says so.
 //! * `HELLO_FAIL=ignore-term`: serve and become ready, but ignore
 //!   SIGTERM/SIGINT, so the supervisor has to SIGKILL us.
 //!
@@ -153,6 +165,9 @@ async fn main() {
         generation: config.generation,
         pid: nix::unistd::getpid().as_raw(),
         drain_idle_grace: config.drain_idle_grace,
+        health: config.health,
+        wedge: env::var_os("HELLO_WEDGE_GATE")
+            .map(|dir| PathBuf::from(dir).join(format!("{}-wedged", config.generation))),
     });
 
     // Must run before `ListenFd::from_env()`, which deletes LISTEN_PID.
@@ -192,6 +207,27 @@ async fn main() {
             drop(listeners);
         }
         Fault::None | Fault::IgnoreTerm => serve(listeners, app, signals, ignore_signals).await,
+        Fault::ExitAfterReady => {
+            // Like gunicorn's arbiter when its workers fail to boot: it
+            // says READY=1, never serves, and exits.
+            notify("READY=1");
+            let exit_after = config.exit_after;
+            tokio::select! {
+                () = sleep(exit_after) => {}
+                name = next_drain_signal(&mut signals, &app, false) => {
+                    say!("{name} before exiting, exiting");
+                    return;
+                }
+            }
+            drop(listeners);
+            die(
+                3,
+                format_args!(
+                    "HELLO_FAIL=exit-after-ready: exiting {} ms after READY=1",
+                    exit_after.as_millis()
+                ),
+            )
+        }
     }
 }
 
@@ -245,6 +281,10 @@ struct App {
     /// How long an idle keep-alive connection may still bring a request
     /// once the drain has begun.
     drain_idle_grace: Duration,
+    /// What `/healthz` answers.
+    health: Health,
+    /// `/healthz` hangs once this file exists.
+    wedge: Option<PathBuf>,
 }
 
 impl Display for App {
@@ -263,6 +303,15 @@ enum Fault {
     Crash,
     NeverReady,
     IgnoreTerm,
+    ExitAfterReady,
+}
+
+/// What `/healthz` does (`HELLO_HEALTH`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Health {
+    Ok,
+    Fail,
+    Hang,
 }
 
 struct Config {
@@ -272,6 +321,9 @@ struct Config {
     boot_gate: Option<PathBuf>,
     drain_idle_grace: Duration,
     fault: Fault,
+    health: Health,
+    /// `HELLO_FAIL=exit-after-ready`: how long after READY=1.
+    exit_after: Duration,
 }
 
 impl Config {
@@ -282,7 +334,14 @@ impl Config {
             Some("crash") => Fault::Crash,
             Some("never-ready") => Fault::NeverReady,
             Some("ignore-term") => Fault::IgnoreTerm,
+            Some("exit-after-ready") => Fault::ExitAfterReady,
             Some(other) => die(2, format_args!("unknown HELLO_FAIL={other}")),
+        };
+        let health = match env::var("HELLO_HEALTH").ok().as_deref() {
+            None | Some("ok") => Health::Ok,
+            Some("fail") => Health::Fail,
+            Some("hang") => Health::Hang,
+            Some(other) => die(2, format_args!("unknown HELLO_HEALTH={other}")),
         };
         let generation = number_from_env("BATON_GENERATION");
         let boot_gate = env::var_os("HELLO_BOOT_GATE")
@@ -297,6 +356,11 @@ impl Config {
             boot_gate,
             drain_idle_grace,
             fault,
+            health,
+            exit_after: match env::var_os("HELLO_EXIT_AFTER_MS") {
+                None => Duration::from_secs(1),
+                Some(_) => Duration::from_millis(number_from_env("HELLO_EXIT_AFTER_MS")),
+            },
         }
     }
 }
@@ -726,6 +790,17 @@ async fn respond(request: &Request, app: &App) -> (u16, String) {
             None => return (400, format!("use /slow?ms=N with N <= {MAX_SLOW_MS}\n")),
         }
     }
+    if path == "/healthz" {
+        if app.wedge.as_ref().is_some_and(|w| w.exists()) {
+            std::future::pending::<()>().await;
+        }
+        match app.health {
+            Health::Ok => return (200, "ok\n".into()),
+            Health::Fail => return (500, "HELLO_HEALTH=fail\n".into()),
+            // Bounded by the client (and the drain): a wedged process.
+            Health::Hang => std::future::pending::<()>().await,
+        }
+    }
     (
         200,
         format!("generation={} pid={}\n", app.generation, app.pid),
@@ -743,7 +818,11 @@ fn slow_delay(query: &str) -> Option<Duration> {
 }
 
 fn render(status: u16, body: &str, generation: u64, close: bool) -> String {
-    let reason = if status == 200 { "OK" } else { "Bad Request" };
+    let reason = match status {
+        200 => "OK",
+        500 => "Internal Server Error",
+        _ => "Bad Request",
+    };
     let connection = if close { "Connection: close\r\n" } else { "" };
     format!(
         "HTTP/1.1 {status} {reason}\r\n\

@@ -20,6 +20,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+use nix::unistd::Pid;
 
 use crate::config::{CgroupLimit, CgroupPlace};
 
@@ -30,6 +31,8 @@ const SUPERVISOR: &str = "supervisor";
 #[derive(Debug)]
 pub(crate) struct Cgroups {
     base: PathBuf,
+    /// `base` as /proc/PID/cgroup names it (its path in the hierarchy).
+    named: Option<PathBuf>,
     /// baton made `base` (a configured path that did not exist) and removes
     /// it when it exits.
     made: bool,
@@ -123,10 +126,7 @@ fn auto() -> Result<Cgroups, String> {
             own.display()
         ));
     }
-    let cgroups = Cgroups {
-        base: own,
-        made: false,
-    };
+    let cgroups = Cgroups::new(own, false);
     cgroups.leave_base()?;
     Ok(cgroups)
 }
@@ -158,10 +158,7 @@ fn at(dir: &Path) -> Result<Cgroups, String> {
             dir.display()
         ));
     }
-    let cgroups = Cgroups {
-        base: dir.to_owned(),
-        made,
-    };
+    let cgroups = Cgroups::new(dir.to_owned(), made);
     if own_cgroup().as_deref() == Some(dir) {
         cgroups
             .leave_base()
@@ -180,6 +177,14 @@ fn own_cgroup() -> Option<PathBuf> {
     let (root, mount) = v2_mount(&mountinfo)?;
     let relative = Path::new(path).strip_prefix(&root).ok()?;
     Some(mount.join(relative))
+}
+
+/// How /proc/PID/cgroup names the directory `dir` (the reverse of
+/// [`own_cgroup`]).
+fn named(dir: &Path) -> Option<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let (root, mount) = v2_mount(&mountinfo)?;
+    Some(root.join(dir.strip_prefix(&mount).ok()?))
 }
 
 /// (root, mount point) of the first cgroup2 mount in a mountinfo text.
@@ -218,6 +223,14 @@ fn write(path: &Path, value: &str) -> io::Result<()> {
 }
 
 impl Cgroups {
+    fn new(base: PathBuf, made: bool) -> Cgroups {
+        Cgroups {
+            named: named(&base),
+            base,
+            made,
+        }
+    }
+
     pub(crate) fn base(&self) -> &Path {
         &self.base
     }
@@ -344,6 +357,20 @@ impl Cgroups {
         }
     }
 
+    /// The generation whose cgroup `pid` is in, if it is in one of them.
+    pub(crate) fn generation_of(&self, pid: Pid) -> Option<u64> {
+        let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        let path = Path::new(text.lines().find_map(|l| l.strip_prefix("0::"))?.trim_end());
+        if path.parent()? != self.named.as_deref()? {
+            return None;
+        }
+        path.file_name()?
+            .to_str()?
+            .strip_prefix("gen-")?
+            .parse()
+            .ok()
+    }
+
     /// The processes in the cgroup of `generation`.
     pub(crate) fn procs(&self, generation: u64) -> Vec<i32> {
         let procs = read_procs(&self.dir(generation)).unwrap_or_default();
@@ -375,7 +402,7 @@ impl Cgroups {
         let memory = fs::read_to_string(dir.join("memory.current"))
             .ok()
             .and_then(|m| m.trim().parse().ok())
-            .or_else(|| procs.iter().map(|&p| rss_bytes(p)).sum());
+            .or_else(|| procs.iter().map(|&p| crate::procfs::rss_bytes(p)).sum());
         let cpu = fs::read_to_string(dir.join("cpu.stat")).ok().and_then(|s| {
             s.lines()
                 .find_map(|l| l.strip_prefix("usage_usec "))
@@ -400,41 +427,11 @@ impl Usage {
     /// What /proc shows of one process (a generation without a cgroup).
     pub(crate) fn of_process(pid: u32) -> Usage {
         Usage {
-            memory_bytes: rss_bytes(pid),
-            cpu_usec: cpu_usec(pid),
+            memory_bytes: crate::procfs::rss_bytes(pid),
+            cpu_usec: crate::procfs::cpu_usec(pid),
             processes: 1,
         }
     }
-}
-
-/// utime + stime of `pid` (/proc/PID/stat fields 14 and 15, in clock
-/// ticks), in microseconds.
-fn cpu_usec(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // "pid (comm) state ...": comm may hold spaces and parentheses.
-    let (_, rest) = stat.rsplit_once(')')?;
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .filter(|&t| t > 0)? as u64;
-    Some((utime + stime) * 1_000_000 / tick)
-}
-
-/// The resident set of `pid` in bytes (`VmRSS` of /proc/PID/status).
-fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib * 1024)
 }
 
 /// Tells which generations' cgroups changed (`cgroup.events` written):

@@ -27,6 +27,7 @@ pub struct Config {
     pub(crate) listeners: Vec<Listener>,
     pub(crate) app: App,
     pub(crate) readiness: Readiness,
+    pub(crate) health: Health,
     pub(crate) drain: Drain,
     pub(crate) restart: Restart,
     /// Path of the control socket (`baton reload`, `status`, `stop`).
@@ -163,19 +164,72 @@ impl LimitResource {
     ];
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ReadinessCheck {
-    /// Ready when the child sends `READY=1` on `NOTIFY_SOCKET`.
+    /// Ready when a process of the generation sends `READY=1` on
+    /// `NOTIFY_SOCKET`.
     Notify,
     /// Ready once the child has been running this long.
     Delay(Duration),
+    /// Ready when a process of the generation waits for connections on
+    /// every stream listener (epoll, accept, poll, select), seen in /proc.
+    Accepting,
+    /// Ready when `command` exits 0; run every `interval`, each run
+    /// bounded by it.
+    Exec {
+        command: Vec<String>,
+        interval: Duration,
+    },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Readiness {
     pub(crate) check: ReadinessCheck,
     /// A candidate not ready by then is stopped; the old generation keeps serving.
     pub(crate) timeout: Duration,
+}
+
+/// How often [`ReadinessCheck::Accepting`] looks (the issue's bound: at
+/// most 20 ms).
+pub(crate) const ACCEPTING_INTERVAL: Duration = Duration::from_millis(20);
+
+/// `[health]`: probes of a serving generation, and probation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Health {
+    pub(crate) probe: Option<Probe>,
+    /// Replace a generation whose memory stays above this (bytes).
+    pub(crate) max_rss: Option<u64>,
+    pub(crate) interval: Duration,
+    /// Per probe.
+    pub(crate) timeout: Duration,
+    /// Consecutive failed checks before baton acts.
+    pub(crate) failures: u32,
+    /// After a candidate is ready, how long the old generation serves
+    /// beside it before it is drained (zero: none).
+    pub(crate) probation: Duration,
+}
+
+impl Health {
+    /// Whether anything is checked at all.
+    pub(crate) fn checks(&self) -> bool {
+        self.probe.is_some() || self.max_rss.is_some()
+    }
+}
+
+/// One health probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Probe {
+    /// `GET path` on `address` (HTTP/1.1, `Host: host`): a 2xx or 3xx
+    /// status passes.
+    Http {
+        address: SocketAddr,
+        host: String,
+        path: String,
+    },
+    /// A TCP connect passes.
+    Tcp(SocketAddr),
+    /// Exit 0 passes.
+    Exec(Vec<String>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -351,6 +405,8 @@ struct RawConfig {
     #[serde(default)]
     readiness: RawReadiness,
     #[serde(default)]
+    health: RawHealth,
+    #[serde(default)]
     drain: RawDrain,
     #[serde(default)]
     restart: RawRestart,
@@ -399,6 +455,22 @@ struct RawReadiness {
     check: Option<Spanned<String>>,
     delay: RawDuration,
     timeout: RawDuration,
+    command: Option<Spanned<Vec<String>>>,
+    interval: RawDuration,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    check: Option<Spanned<String>>,
+    url: Option<Spanned<String>>,
+    address: Option<Spanned<String>>,
+    command: Option<Spanned<Vec<String>>>,
+    interval: RawDuration,
+    timeout: RawDuration,
+    failures: Option<Spanned<i64>>,
+    probation: RawDuration,
+    max_rss: Option<Spanned<RawLimit>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -498,12 +570,26 @@ impl RawConfig {
             None => None,
             Some(raw) => Some(lookup_group(raw)?),
         };
+        let streams = listeners
+            .iter()
+            .any(|l| !matches!(l.address, Address::Udp(_)));
+        let check_span = self.readiness.check.as_ref().map_or(0..0, |c| c.span());
+        let readiness = self.readiness.validate()?;
+        if readiness.check == ReadinessCheck::Accepting && !streams {
+            let span = check_span;
+            return invalid(
+                span,
+                "check = \"accepting\" needs a stream listener ([[listen]] with a TCP or unix \
+                 address) to watch: use \"notify\", \"exec\" or \"delay\"",
+            );
+        }
         Ok(Config {
             path: path.to_owned(),
             control_group,
             listeners,
             app: self.app.validate()?,
-            readiness: self.readiness.validate()?,
+            readiness,
+            health: self.health.validate()?,
             drain: self.drain.validate()?,
             restart: self.restart.validate()?,
             control_socket,
@@ -871,31 +957,35 @@ impl RawApp {
     }
 }
 
+/// A size in bytes: a number, or a string with a binary suffix ("512M",
+/// "2G", "512MiB"), or "max" (`None`).
+fn size(raw: &Spanned<RawLimit>, key: &str) -> Result<Option<u64>, Invalid> {
+    match raw.get_ref() {
+        RawLimit::Number(n) if *n > 0 => Ok(Some(*n as u64)),
+        RawLimit::Number(_) => invalid(raw.span(), format!("{key} must be greater than zero")),
+        RawLimit::Word(w) if w == "max" => Ok(None),
+        RawLimit::Word(w) => parse_size::Config::new()
+            .with_binary()
+            .parse_size(w)
+            .ok()
+            .filter(|&b| b > 0)
+            .map(Some)
+            .ok_or_else(|| Invalid {
+                span: raw.span(),
+                message: format!(
+                    "{key} `{w}` is not a size: write bytes, or e.g. \"512M\" or \"2G\" \
+                     (powers of 1024), or \"max\""
+                ),
+            }),
+    }
+}
+
 impl RawApp {
     /// `memory_max`, `cpu_max` and `pids_max`, in the kernel's formats.
     fn cgroup_limits(&self) -> Result<Vec<CgroupLimit>, Invalid> {
         let mut limits = Vec::new();
         if let Some(raw) = &self.memory_max {
-            let bytes = match raw.get_ref() {
-                RawLimit::Number(n) if *n > 0 => Some(*n as u64),
-                RawLimit::Word(w) if w == "max" => None,
-                RawLimit::Word(w) => parse_size::Config::new()
-                    .with_binary()
-                    .parse_size(w)
-                    .ok()
-                    .filter(|&b| b > 0)
-                    .map(Some)
-                    .ok_or_else(|| Invalid {
-                        span: raw.span(),
-                        message: format!(
-                            "memory_max `{w}` is not a size: write bytes, or e.g. \"512M\" or \
-                             \"2G\" (powers of 1024), or \"max\""
-                        ),
-                    })?,
-                RawLimit::Number(_) => {
-                    return invalid(raw.span(), "memory_max must be greater than zero")
-                }
-            };
+            let bytes = size(raw, "memory_max")?;
             limits.push(CgroupLimit {
                 key: "memory_max",
                 controller: "memory",
@@ -969,35 +1059,224 @@ fn arg_max() -> usize {
 impl RawReadiness {
     fn validate(self) -> Result<Readiness, Invalid> {
         let timeout = duration(&self.timeout, Duration::from_secs(30))?;
-        let check = match self
+        let check = self
             .check
             .as_ref()
-            .map(|c| (c.get_ref().as_str(), c.span()))
-        {
-            None | Some(("notify", _)) => {
-                if let Some(delay) = &self.delay {
-                    return invalid(delay.span(), "delay applies only to check = \"delay\"");
-                }
-                ReadinessCheck::Notify
+            .map(|c| (c.get_ref().as_str(), c.span()));
+        let name = check.as_ref().map_or("notify", |(name, _)| name);
+        let only = |key: &str, span: Range<usize>| -> Result<(), Invalid> {
+            invalid(
+                span,
+                format!(
+                    "{key} applies only to check = \"{}\"",
+                    match key {
+                        "delay" => "delay",
+                        _ => "exec",
+                    }
+                ),
+            )
+        };
+        if let (Some(delay), false) = (&self.delay, name == "delay") {
+            only("delay", delay.span())?;
+        }
+        if name != "exec" {
+            if let Some(command) = &self.command {
+                only("command", command.span())?;
             }
+            if let Some(interval) = &self.interval {
+                only("interval", interval.span())?;
+            }
+        }
+        let check = match check {
+            None | Some(("notify", _)) => ReadinessCheck::Notify,
             Some(("delay", _)) => {
-                ReadinessCheck::Delay(duration(&self.delay, Duration::from_secs(1))?)
+                let delay = duration(&self.delay, Duration::from_secs(1))?;
+                if delay >= timeout {
+                    let span = self.delay.as_ref().map_or(0..0, |d| d.span());
+                    return invalid(span, "delay must be shorter than the readiness timeout");
+                }
+                ReadinessCheck::Delay(delay)
+            }
+            Some(("accepting", _)) => ReadinessCheck::Accepting,
+            Some(("exec", span)) => {
+                let command = argv(self.command.as_ref(), span, "[readiness] command")?;
+                let interval = duration(&self.interval, Duration::from_millis(200))?;
+                ReadinessCheck::Exec { command, interval }
             }
             Some((other, span)) => {
                 return invalid(
                     span,
-                    format!("unknown readiness check `{other}`: use \"notify\" or \"delay\""),
+                    format!(
+                        "unknown readiness check `{other}`: use \"notify\", \"accepting\", \
+                         \"exec\" or \"delay\""
+                    ),
                 )
             }
         };
-        if let ReadinessCheck::Delay(delay) = check {
-            if delay >= timeout {
-                let span = self.delay.as_ref().map_or(0..0, |d| d.span());
-                return invalid(span, "delay must be shorter than the readiness timeout");
-            }
-        }
         Ok(Readiness { check, timeout })
     }
+}
+
+/// A command's argv from the file: present, naming a program, no NUL.
+/// `span` is where to point when it is missing.
+fn argv(
+    raw: Option<&Spanned<Vec<String>>>,
+    span: Range<usize>,
+    what: &str,
+) -> Result<Vec<String>, Invalid> {
+    let Some(raw) = raw else {
+        return invalid(
+            span,
+            format!("{what} is missing: command = [\"/path/to/program\", \"--flag\"]"),
+        );
+    };
+    let command = raw.get_ref();
+    if command.first().is_none_or(|c| c.is_empty()) {
+        return invalid(
+            raw.span(),
+            format!("{what} must name a program: [\"/path/to/program\", \"--flag\"]"),
+        );
+    }
+    for arg in command {
+        no_nul(&raw.span(), what, arg)?;
+    }
+    Ok(command.clone())
+}
+
+impl RawHealth {
+    fn validate(self) -> Result<Health, Invalid> {
+        let check = self
+            .check
+            .as_ref()
+            .map(|c| (c.get_ref().as_str(), c.span()));
+        let name = check.as_ref().map(|(name, _)| *name);
+        for (key, present, wanted) in [
+            ("url", self.url.as_ref().map(|u| u.span()), "http"),
+            ("address", self.address.as_ref().map(|a| a.span()), "tcp"),
+            ("command", self.command.as_ref().map(|c| c.span()), "exec"),
+        ] {
+            if let Some(span) = present.filter(|_| name != Some(wanted)) {
+                return invalid(span, format!("{key} applies only to check = \"{wanted}\""));
+            }
+        }
+        let probe = match check {
+            None => None,
+            Some(("http", span)) => {
+                let Some(url) = &self.url else {
+                    return invalid(
+                        span,
+                        "check = \"http\" needs url = \"http://127.0.0.1:8080/healthz\"",
+                    );
+                };
+                Some(http_probe(url)?)
+            }
+            Some(("tcp", span)) => {
+                let Some(address) = &self.address else {
+                    return invalid(span, "check = \"tcp\" needs address = \"127.0.0.1:8080\"");
+                };
+                let parsed = SocketAddr::from_str(address.get_ref()).map_err(|_| Invalid {
+                    span: address.span(),
+                    message: format!(
+                        "bad address `{}`: use an IP address and port like \"127.0.0.1:8080\"",
+                        address.get_ref()
+                    ),
+                })?;
+                Some(Probe::Tcp(parsed))
+            }
+            Some(("exec", span)) => Some(Probe::Exec(argv(
+                self.command.as_ref(),
+                span,
+                "[health] command",
+            )?)),
+            Some((other, span)) => {
+                return invalid(
+                    span,
+                    format!("unknown health check `{other}`: use \"http\", \"tcp\" or \"exec\""),
+                )
+            }
+        };
+        let failures = match &self.failures {
+            None => 3,
+            Some(raw) => match u32::try_from(*raw.get_ref()) {
+                Ok(n) if (1..=1000).contains(&n) => n,
+                _ => return invalid(raw.span(), "failures must be a number from 1 to 1000"),
+            },
+        };
+        let max_rss = match &self.max_rss {
+            None => None,
+            Some(raw) => Some(size(raw, "max_rss")?.ok_or_else(|| {
+                Invalid {
+                    span: raw.span(),
+                    message: "max_rss must be a size such as \"512MiB\" (\"max\" means no limit: \
+                          leave the key out)"
+                        .into(),
+                }
+            })?),
+        };
+        let probation = match &self.probation {
+            None => Duration::ZERO,
+            Some(raw) if raw.get_ref().trim() == "0" => Duration::ZERO,
+            Some(_) => duration(&self.probation, Duration::ZERO)?,
+        };
+        Ok(Health {
+            probe,
+            max_rss,
+            interval: duration(&self.interval, Duration::from_secs(1))?,
+            timeout: duration(&self.timeout, Duration::from_secs(1))?,
+            failures,
+            probation,
+        })
+    }
+}
+
+/// `url = "http://HOST[:PORT][/PATH]"`: HOST an IP address (IPv6 in
+/// brackets) or `localhost`. Parsed here rather than with a URL crate: no
+/// host name is resolved, so there is nothing for one to do but split.
+fn http_probe(raw: &Spanned<String>) -> Result<Probe, Invalid> {
+    let text = raw.get_ref().as_str();
+    let bad = |why: &str| Invalid {
+        span: raw.span(),
+        message: format!(
+            "bad health url `{text}`: {why}; write e.g. \"http://127.0.0.1:8080/healthz\""
+        ),
+    };
+    let rest = text
+        .strip_prefix("http://")
+        .ok_or_else(|| bad("only http:// is supported"))?;
+    let (authority, path) = match rest.find(['/', '?']) {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let path = if path.starts_with('?') {
+        format!("/{path}")
+    } else {
+        path.to_owned()
+    };
+    if path.contains(char::is_whitespace) || path.contains('#') {
+        return Err(bad("the path must not hold spaces or a #fragment"));
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && !port.contains(']') => {
+            let port = port
+                .parse::<u16>()
+                .map_err(|_| bad("the port is not a number"))?;
+            (host, port)
+        }
+        _ => (authority, 80),
+    };
+    let ip = match host {
+        "localhost" => std::net::Ipv4Addr::LOCALHOST.into(),
+        _ => host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .map_err(|_| bad("the host must be an IP address or localhost"))?,
+    };
+    Ok(Probe::Http {
+        address: SocketAddr::new(ip, port),
+        host: authority.to_owned(),
+        path,
+    })
 }
 
 impl RawDrain {
@@ -1314,6 +1593,107 @@ group = "root"
         ];
         for (line, position, message) in cases {
             let e = error(&format!("{MINIMAL}{line}\n"));
+            assert!(
+                e.contains(&format!("t.toml:{position}: ")),
+                "{position} in {e}"
+            );
+            assert!(e.contains(message), "{message} in {e}");
+        }
+    }
+
+    #[test]
+    fn readiness_checks_and_health() {
+        let c = parse(&format!(
+            "[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:8080\"\n{MINIMAL}\
+             [readiness]\ncheck = \"accepting\"\n\
+             [health]\ncheck = \"http\"\nurl = \"http://localhost:8080/healthz?deep=1\"\n\
+             failures = 5\nprobation = \"10s\"\nmax_rss = \"512MiB\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.readiness.check, ReadinessCheck::Accepting);
+        assert_eq!(
+            c.health.probe,
+            Some(Probe::Http {
+                address: "127.0.0.1:8080".parse().unwrap(),
+                host: "localhost:8080".into(),
+                path: "/healthz?deep=1".into()
+            })
+        );
+        assert_eq!(
+            (c.health.failures, c.health.probation, c.health.max_rss),
+            (5, Duration::from_secs(10), Some(512 << 20))
+        );
+        let c = parse(&format!(
+            "{MINIMAL}[readiness]\ncheck = \"exec\"\ncommand = [\"true\"]\n\
+             [health]\ncheck = \"tcp\"\naddress = \"[::1]:80\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.readiness.check,
+            ReadinessCheck::Exec {
+                command: vec!["true".into()],
+                interval: Duration::from_millis(200)
+            }
+        );
+        assert_eq!(
+            c.health.probe,
+            Some(Probe::Tcp("[::1]:80".parse().unwrap()))
+        );
+        assert_eq!(c.health.probation, Duration::ZERO);
+        let cases = [
+            (
+                "[readiness]\ncheck = \"accepting\"",
+                "4:9",
+                "needs a stream listener",
+            ),
+            (
+                "[readiness]\ncheck = \"exec\"",
+                "4:9",
+                "[readiness] command is missing",
+            ),
+            (
+                "[readiness]\ncommand = [\"x\"]",
+                "4:11",
+                "command applies only to check = \"exec\"",
+            ),
+            (
+                "[health]\ncheck = \"http\"",
+                "4:9",
+                "check = \"http\" needs url",
+            ),
+            (
+                "[health]\ncheck = \"http\"\nurl = \"https://x/\"",
+                "5:7",
+                "only http://",
+            ),
+            (
+                "[health]\ncheck = \"http\"\nurl = \"http://db.internal/\"",
+                "5:7",
+                "an IP address or localhost",
+            ),
+            (
+                "[health]\nurl = \"http://127.0.0.1/\"",
+                "4:7",
+                "url applies only to check = \"http\"",
+            ),
+            (
+                "[health]\nfailures = 0",
+                "4:12",
+                "failures must be a number from 1",
+            ),
+            (
+                "[health]\nmax_rss = \"max\"",
+                "4:11",
+                "max_rss must be a size",
+            ),
+            (
+                "[health]\ncheck = \"ping\"",
+                "4:9",
+                "unknown health check `ping`",
+            ),
+        ];
+        for (text, position, message) in cases {
+            let e = error(&format!("{MINIMAL}{text}\n"));
             assert!(
                 e.contains(&format!("t.toml:{position}: ")),
                 "{position} in {e}"

@@ -168,14 +168,23 @@ pub struct StatusDoc {
     /// or "process groups (why no cgroup)".
     #[serde(default)]
     pub containment: Option<String>,
+    /// Current generations replaced for failing their health checks.
+    #[serde(default)]
+    pub replaced: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerationDoc {
     pub generation: u64,
     pub pid: Option<i32>,
-    /// "starting", "ready" or "draining".
+    /// "starting", "probation", "ready" or "draining".
     pub state: String,
+    /// On probation: how long until it is promoted.
+    #[serde(default)]
+    pub probation_left_ms: Option<u64>,
+    /// Health checks failed in a row.
+    #[serde(default)]
+    pub health_failures: u32,
     pub age_ms: u64,
     pub ready_after_ms: Option<f64>,
     pub command: String,
@@ -232,6 +241,8 @@ impl StatusDoc {
                     generation: g.generation,
                     pid: g.pid,
                     state: g.state.to_owned(),
+                    probation_left_ms: g.probation_left.map(ms),
+                    health_failures: g.health_failures,
                     age_ms: ms(g.age),
                     ready_after_ms: g.ready_after.map(fractional_ms),
                     command: g.command,
@@ -258,6 +269,7 @@ impl StatusDoc {
                 .map(|(name, address)| ListenerDoc { name, address })
                 .collect(),
             containment: None,
+            replaced: status.replaced,
         }
     }
 
@@ -297,6 +309,19 @@ impl StatusDoc {
             if let Some(status) = &g.status {
                 out += &format!("generation {} says: {status}\n", g.generation);
             }
+            if let Some(ms) = g.probation_left_ms {
+                out += &format!(
+                    "generation {} on probation: promoted in {} unless it fails\n",
+                    g.generation,
+                    age(ms)
+                );
+            }
+            if g.health_failures > 0 {
+                out += &format!(
+                    "generation {}: {} health checks failed in a row\n",
+                    g.generation, g.health_failures
+                );
+            }
             if let (Some(cgroup), Some(n)) = (&g.cgroup, g.processes) {
                 out += &format!(
                     "generation {}: cgroup {cgroup} ({n} processes)\n",
@@ -311,6 +336,12 @@ impl StatusDoc {
                     pids.join(" ")
                 );
             }
+        }
+        if self.replaced > 0 {
+            out += &format!(
+                "replaced for failing health checks since start: {}\n",
+                self.replaced
+            );
         }
         if let Some(containment) = &self.containment {
             out += &format!("containment: {containment}\n");

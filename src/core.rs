@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use crate::config::{Config, ReadinessCheck};
+use crate::config::{Config, ReadinessCheck, ACCEPTING_INTERVAL};
 use crate::notice::{Cause, Drained, Notice, Summary};
 pub(crate) use crate::notice::{ExitStatus, Failure, Outcome};
 use crate::sd_notify::{Message, Upstream};
@@ -61,8 +61,26 @@ pub(crate) enum Event {
     SpawnFailed { generation: u64, error: String },
     /// A child was reaped. Pids the core does not know are ignored.
     Exited { pid: Pid, status: ExitStatus },
-    /// A datagram on the notify socket, already authenticated by pid.
-    Notify { pid: Pid, message: Message },
+    /// A datagram on the notify socket, already authenticated by pid. It
+    /// counts for a generation when `pid` is its main process, or was in
+    /// its process group (`group`) or its cgroup (`cgroup`) when the shell
+    /// looked, as the datagram arrived: a wrapper's `systemd-notify`.
+    Notify {
+        pid: Pid,
+        group: Option<Pid>,
+        cgroup: Option<u64>,
+        message: Message,
+    },
+    /// The answer to an `Action::CheckReady`: whether the candidate is
+    /// ready by its `[readiness]` check ("exec", "accepting").
+    ReadyCheck { generation: u64, ok: bool },
+    /// The answer to an `Action::Probe`: whether the generation passed its
+    /// `[health]` checks, and why not.
+    Probed {
+        generation: u64,
+        ok: bool,
+        detail: String,
+    },
     /// Graceful stop (drain everything) or fast stop (kill everything).
     Stop { fast: bool },
     /// Time passed: check deadlines against `now`.
@@ -89,6 +107,22 @@ pub(crate) enum Action {
         generation: u64,
         pid: Pid,
         leader: bool,
+    },
+    /// Check once whether the candidate `generation` (main process `pid`)
+    /// is ready, by `config`'s `[readiness] check` ("exec" or
+    /// "accepting"); the answer is an `Event::ReadyCheck`, always (a check
+    /// is bounded in time).
+    CheckReady {
+        generation: u64,
+        pid: Pid,
+        config: Arc<Config>,
+    },
+    /// Probe `generation`'s health once, by `config`'s `[health]`; the
+    /// answer is an `Event::Probed`, always (bounded by its timeout).
+    Probe {
+        generation: u64,
+        pid: Pid,
+        config: Arc<Config>,
     },
     Progress {
         waiter: WaiterId,
@@ -152,6 +186,8 @@ struct Generation {
     state: State,
     /// The child's latest `STATUS=` text.
     status: Option<String>,
+    /// Its `[health]` checks, once it serves.
+    health: Watch,
     /// It runs in a cgroup of its own (see `Event::Spawned`).
     contained: bool,
     /// Its cgroup is empty (`Event::Emptied`).
@@ -183,6 +219,23 @@ impl Generation {
     }
 }
 
+/// When a generation is checked next (a readiness or health check), and
+/// whether a check is in flight (one at a time; the shell always answers).
+#[derive(Debug, Clone, Copy, Default)]
+struct Watch {
+    next: Option<Instant>,
+    in_flight: bool,
+    /// Health checks failed in a row.
+    failures: u32,
+}
+
+impl Watch {
+    /// When a check is due, if one may start.
+    fn due(&self) -> Option<Instant> {
+        self.next.filter(|_| !self.in_flight)
+    }
+}
+
 /// How long a killed process may take to be reaped before baton stops
 /// waiting for it (and names it): `baton stop` always finishes.
 const KILL_GRACE: Duration = Duration::from_secs(5);
@@ -192,10 +245,18 @@ const KILL_GRACE: Duration = Duration::from_secs(5);
 /// `Event::Exited`, which the shell delivers as soon as it reaps the pid.
 #[derive(Debug, Clone, Copy)]
 enum State {
-    /// Candidate. `ready_at` is set for `check = "delay"`.
+    /// Candidate. `ready_at` is set for `check = "delay"`; `check` runs
+    /// the "exec" and "accepting" checks.
     Starting {
         deadline: Instant,
         ready_at: Option<Instant>,
+        check: Watch,
+    },
+    /// Candidate, ready, serving beside the current generation until
+    /// `until`; it is promoted then unless it failed.
+    Probation {
+        until: Instant,
+        latency: Duration,
     },
     Ready {
         since: Instant,
@@ -261,6 +322,8 @@ pub(crate) struct Supervisor {
     /// Successful deploys whose old generation still drains: their summary
     /// line is logged when it has exited.
     drain_watch: Vec<DrainWatch>,
+    /// Current generations replaced for failing their health checks.
+    replaced: u32,
     /// Contained generations whose main process has exited and whose
     /// cgroup still holds processes (killed, not yet gone), each with when
     /// baton stops waiting for them.
@@ -293,6 +356,7 @@ impl Supervisor {
             announced: false,
             last_deploy: None,
             drain_watch: Vec::new(),
+            replaced: 0,
             ending: Vec::new(),
             rng: fastrand::Rng::with_seed(seed),
         };
@@ -318,7 +382,20 @@ impl Supervisor {
                 }
             }
             Event::Exited { pid, status } => self.exited(pid, status, now, &mut actions),
-            Event::Notify { pid, message } => self.notify(pid, message, now, &mut actions),
+            Event::Notify {
+                pid,
+                group,
+                cgroup,
+                message,
+            } => self.notify(pid, group, cgroup, message, now, &mut actions),
+            Event::ReadyCheck { generation, ok } => {
+                self.ready_checked(generation, ok, now, &mut actions)
+            }
+            Event::Probed {
+                generation,
+                ok,
+                detail,
+            } => self.probed(generation, ok, detail, now, &mut actions),
             Event::Stop { fast } => self.stop(fast, now, &mut actions),
             Event::Tick => self.tick(now, &mut actions),
         }
@@ -328,15 +405,31 @@ impl Supervisor {
 
     /// The earliest instant at which `Event::Tick` has work to do.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        let candidate = self
-            .candidate
-            .as_ref()
-            .and_then(|c| match c.generation.state {
-                State::Starting { deadline, ready_at } => {
-                    Some(ready_at.map_or(deadline, |r| r.min(deadline)))
+        let candidate = self.candidate.as_ref().and_then(|c| {
+            let g = &c.generation;
+            match g.state {
+                State::Starting {
+                    deadline,
+                    ready_at,
+                    check,
+                } => {
+                    let check = check.due().filter(|_| g.pid.is_some());
+                    [Some(deadline), ready_at, check]
+                        .into_iter()
+                        .flatten()
+                        .min()
+                }
+                State::Probation { until, .. } => {
+                    g.health.due().map_or(Some(until), |d| Some(d.min(until)))
                 }
                 _ => None,
-            });
+            }
+        });
+        let health = self
+            .current
+            .as_ref()
+            .filter(|_| !self.on_probation())
+            .and_then(|g| g.health.due());
         let draining = self
             .draining
             .iter()
@@ -344,6 +437,7 @@ impl Supervisor {
         let ending = self.ending.iter().map(|&(_, at)| at);
         candidate
             .into_iter()
+            .chain(health)
             .chain(draining)
             .chain(ending)
             .chain(self.restart_at)
@@ -355,6 +449,13 @@ impl Supervisor {
             .iter()
             .chain(self.candidate.iter().map(|c| &c.generation))
             .chain(self.draining.iter())
+    }
+
+    /// Whether the candidate is ready and on probation.
+    fn on_probation(&self) -> bool {
+        self.candidate
+            .as_ref()
+            .is_some_and(|c| matches!(c.generation.state, State::Probation { .. }))
     }
 
     fn is_candidate(&self, id: u64) -> bool {
@@ -457,10 +558,24 @@ impl Supervisor {
     ) {
         let id = self.next_id;
         self.next_id += 1;
-        let readiness = config.readiness;
+        let readiness = &config.readiness;
         let ready_at = match readiness.check {
-            ReadinessCheck::Notify => None,
             ReadinessCheck::Delay(d) => Some(deadline(now, d)),
+            _ => None,
+        };
+        // Checked as soon as the process exists (`Event::Spawned`).
+        let check = match readiness.check {
+            ReadinessCheck::Accepting | ReadinessCheck::Exec { .. } => Watch {
+                next: Some(now),
+                ..Watch::default()
+            },
+            _ => Watch::default(),
+        };
+        let timeout = readiness.timeout;
+        // A deploy may run on past readiness by its probation.
+        let probation = match kind {
+            Cause::Deploy | Cause::Replace => config.health.probation,
+            _ => Duration::ZERO,
         };
         actions.push(Action::Notice(Notice::Starting {
             generation: id,
@@ -471,7 +586,9 @@ impl Supervisor {
         if kind == Cause::Deploy && self.announced {
             actions.push(Action::Upstream(Upstream::Reloading));
             actions.push(Action::Upstream(Upstream::ExtendTimeout(
-                readiness.timeout.saturating_add(EXTEND_SLACK),
+                timeout
+                    .saturating_add(probation)
+                    .saturating_add(EXTEND_SLACK),
             )));
         }
         actions.push(Action::Spawn {
@@ -485,10 +602,12 @@ impl Supervisor {
                 pid: None,
                 started: now,
                 state: State::Starting {
-                    deadline: deadline(now, readiness.timeout),
+                    deadline: deadline(now, timeout),
                     ready_at,
+                    check,
                 },
                 status: None,
+                health: Watch::default(),
                 contained: false,
                 emptied: false,
             },
@@ -548,8 +667,16 @@ impl Supervisor {
         }
     }
 
-    fn notify(&mut self, pid: Pid, message: Message, now: Instant, actions: &mut Vec<Action>) {
-        let Some(generation) = self.generation_mut(pid) else {
+    fn notify(
+        &mut self,
+        pid: Pid,
+        group: Option<Pid>,
+        cgroup: Option<u64>,
+        message: Message,
+        now: Instant,
+        actions: &mut Vec<Action>,
+    ) {
+        let Some(generation) = self.generation_mut(pid, group, cgroup) else {
             actions.push(Action::Notice(Notice::ForeignNotify {
                 pid: pid.as_raw(),
                 ready: message.ready,
@@ -576,40 +703,146 @@ impl Supervisor {
                 pid: pid.as_raw(),
             }));
         }
-        if message.ready && self.is_candidate(id) {
-            self.promote(now, actions);
+        // READY=1 is the readiness check only where it was asked for.
+        let notify = generation.config.readiness.check == ReadinessCheck::Notify;
+        if message.ready && notify && self.is_candidate(id) {
+            self.ready(now, actions);
         }
     }
 
-    fn generation_mut(&mut self, pid: Pid) -> Option<&mut Generation> {
+    /// The answer to an `Action::CheckReady`.
+    fn ready_checked(&mut self, id: u64, ok: bool, now: Instant, actions: &mut Vec<Action>) {
+        let Some(c) = self.candidate.as_mut().filter(|c| c.generation.id == id) else {
+            return;
+        };
+        let interval = match &c.generation.config.readiness.check {
+            ReadinessCheck::Exec { interval, .. } => *interval,
+            _ => ACCEPTING_INTERVAL,
+        };
+        if let State::Starting { check, .. } = &mut c.generation.state {
+            check.in_flight = false;
+            check.next = Some(deadline(now, interval));
+            if ok {
+                self.ready(now, actions);
+            }
+        }
+    }
+
+    /// The answer to an `Action::Probe`. Enough failures in a row stop a
+    /// candidate on probation, or replace the current generation.
+    fn probed(
+        &mut self,
+        id: u64,
+        ok: bool,
+        detail: String,
+        now: Instant,
+        actions: &mut Vec<Action>,
+    ) {
+        let on_probation = self.on_probation() && self.is_candidate(id);
+        let candidate = self.candidate.as_mut().map(|c| &mut c.generation);
+        let Some(g) = candidate
+            .into_iter()
+            .chain(self.current.as_mut())
+            .find(|g| g.id == id)
+        else {
+            return;
+        };
+        let health = &g.config.health;
+        let (of, interval) = (health.failures, health.interval);
+        g.health.in_flight = false;
+        g.health.next = Some(deadline(now, interval));
+        if ok {
+            // On probation a pass may have been the old generation's (the
+            // probes reach the service address): it does not clear the
+            // new one's failures, which count through the probation.
+            if !on_probation {
+                g.health.failures = 0;
+            }
+            return;
+        }
+        g.health.failures = g.health.failures.saturating_add(1);
+        let failures = g.health.failures;
+        actions.push(Action::Notice(Notice::HealthFailed {
+            generation: id,
+            failures,
+            of,
+            detail: detail.clone(),
+        }));
+        if failures < of {
+            return;
+        }
+        if self.is_candidate(id) {
+            let reason = Failure::Unhealthy { failures, detail };
+            return self.fail_candidate(reason, now, actions);
+        }
+        // The current generation is wedged: a fresh one of its release
+        // takes over through the usual handoff, unless a deploy runs.
+        if self.candidate.is_some() || self.mode != Mode::Running {
+            return;
+        }
+        if let Some(g) = self.current.as_mut() {
+            g.health.failures = 0;
+        }
+        self.replaced = self.replaced.saturating_add(1);
+        actions.push(Action::Notice(Notice::Replacing {
+            generation: id,
+            failures,
+            detail,
+        }));
+        let config = self.serving_config.clone();
+        self.start_candidate(config, Cause::Replace, Vec::new(), now, actions);
+    }
+
+    /// The generation `pid` belongs to: its main process, else one of its
+    /// process group or its cgroup.
+    fn generation_mut(
+        &mut self,
+        pid: Pid,
+        group: Option<Pid>,
+        cgroup: Option<u64>,
+    ) -> Option<&mut Generation> {
+        let belongs = |g: &Generation| {
+            g.pid
+                .is_some_and(|leader| leader == pid || Some(leader) == group)
+                || Some(g.id) == cgroup && g.contained
+        };
+        let leader = |g: &Generation| g.pid == Some(pid);
+        // The main process itself first: a pid may lead one group and sit
+        // in another generation's cgroup only in a race.
+        let all = || {
+            self.current
+                .iter()
+                .chain(self.candidate.iter().map(|c| &c.generation))
+                .chain(self.draining.iter())
+        };
+        let id = all()
+            .find(|g| leader(g))
+            .or_else(|| all().find(|g| belongs(g)))
+            .map(|g| g.id)?;
         self.current
             .iter_mut()
             .chain(self.candidate.iter_mut().map(|c| &mut c.generation))
             .chain(self.draining.iter_mut())
-            .find(|g| g.pid == Some(pid))
+            .find(|g| g.id == id)
     }
 
-    /// The candidate is ready: it becomes current, the old current drains.
-    fn promote(&mut self, now: Instant, actions: &mut Vec<Action>) {
-        let Some(Candidate {
-            mut generation,
-            kind,
-            waiters,
-        }) = self.candidate.take()
-        else {
+    /// The candidate is ready. With `[health] probation` and a generation
+    /// to fall back to, it serves beside that one on probation first;
+    /// else it is promoted at once.
+    fn ready(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        let Some(c) = self.candidate.as_mut() else {
             return;
         };
-        let (id, latency) = (generation.id, now - generation.started);
-        generation.state = State::Ready {
-            since: now,
-            latency,
-        };
-        self.serving_config = generation.config.clone();
+        let g = &mut c.generation;
+        if !matches!(g.state, State::Starting { .. }) {
+            return;
+        }
+        let (id, latency) = (g.id, now - g.started);
         actions.push(Action::Notice(Notice::Ready {
             generation: id,
             after: latency,
         }));
-        for &waiter in &waiters {
+        for &waiter in &c.waiters {
             actions.push(progress(
                 waiter,
                 Progress::Ready {
@@ -618,6 +851,47 @@ impl Supervisor {
                 },
             ));
         }
+        let probation = g.config.health.probation;
+        let beside = self.current.as_ref().map(|current| current.id);
+        match beside {
+            Some(beside) if !probation.is_zero() && c.kind != Cause::Initial => {
+                g.state = State::Probation {
+                    until: deadline(now, probation),
+                    latency,
+                };
+                if g.config.health.checks() {
+                    g.health.next = Some(now);
+                }
+                actions.push(Action::Notice(Notice::Probation {
+                    generation: id,
+                    beside,
+                    probation,
+                }));
+            }
+            _ => self.promote(latency, now, actions),
+        }
+    }
+
+    /// The candidate, ready `latency` after its start (and through its
+    /// probation, if it had one), becomes current; the old current drains.
+    fn promote(&mut self, latency: Duration, now: Instant, actions: &mut Vec<Action>) {
+        let Some(Candidate {
+            mut generation,
+            kind,
+            waiters,
+        }) = self.candidate.take()
+        else {
+            return;
+        };
+        let id = generation.id;
+        generation.state = State::Ready {
+            since: now,
+            latency,
+        };
+        if generation.config.health.checks() && generation.health.next.is_none() {
+            generation.health.next = Some(now);
+        }
+        self.serving_config = generation.config.clone();
         let old = self.current.replace(generation);
         if kind == Cause::Deploy {
             match &old {
@@ -709,10 +983,13 @@ impl Supervisor {
         let took = now - generation.started;
         match (&reason, generation.pid) {
             // It may already have accepted connections from the shared
-            // queue: stop it like a draining generation.
-            (Failure::NotReady(_), Some(_)) => self.drain(generation, now, actions),
+            // queue (and on probation it served): stop it like a draining
+            // generation.
+            (Failure::NotReady(_) | Failure::Unhealthy { .. }, Some(_)) => {
+                self.drain(generation, now, actions)
+            }
             // Exited: clean up whatever it left in its process group.
-            (Failure::Exited(_), Some(pid)) => {
+            (Failure::Exited(_) | Failure::ExitedInProbation(_), Some(pid)) => {
                 actions.push(Action::Kill {
                     generation: id,
                     pid,
@@ -806,12 +1083,16 @@ impl Supervisor {
     }
 
     fn exited(&mut self, pid: Pid, status: ExitStatus, now: Instant, actions: &mut Vec<Action>) {
-        if self
+        if let Some(c) = self
             .candidate
             .as_ref()
-            .is_some_and(|c| c.generation.pid == Some(pid))
+            .filter(|c| c.generation.pid == Some(pid))
         {
-            self.fail_candidate(Failure::Exited(status), now, actions);
+            let reason = match c.generation.state {
+                State::Probation { .. } => Failure::ExitedInProbation(status),
+                _ => Failure::Exited(status),
+            };
+            self.fail_candidate(reason, now, actions);
             return;
         }
         if let Some(i) = self.draining.iter().position(|g| g.pid == Some(pid)) {
@@ -877,14 +1158,47 @@ impl Supervisor {
     }
 
     fn tick(&mut self, now: Instant, actions: &mut Vec<Action>) {
-        if let Some(c) = &self.candidate {
-            if let State::Starting { deadline, ready_at } = c.generation.state {
-                if ready_at.is_some_and(|r| r <= now) && c.generation.pid.is_some() {
-                    self.promote(now, actions);
-                } else if deadline <= now {
-                    let timeout = c.generation.config.readiness.timeout;
-                    self.fail_candidate(Failure::NotReady(timeout), now, actions);
+        if let Some(c) = self.candidate.as_mut() {
+            let g = &mut c.generation;
+            match &mut g.state {
+                State::Starting {
+                    deadline,
+                    ready_at,
+                    check,
+                } => {
+                    if ready_at.is_some_and(|r| r <= now) && g.pid.is_some() {
+                        self.ready(now, actions);
+                    } else if *deadline <= now {
+                        let timeout = g.config.readiness.timeout;
+                        self.fail_candidate(Failure::NotReady(timeout), now, actions);
+                    } else if let Some(pid) =
+                        g.pid.filter(|_| check.due().is_some_and(|d| d <= now))
+                    {
+                        check.in_flight = true;
+                        actions.push(Action::CheckReady {
+                            generation: g.id,
+                            pid,
+                            config: g.config.clone(),
+                        });
+                    }
                 }
+                State::Probation { until, latency } => {
+                    if *until <= now {
+                        let latency = *latency;
+                        self.promote(latency, now, actions);
+                    } else {
+                        probe_if_due(g, now, actions);
+                    }
+                }
+                _ => {}
+            }
+        }
+        // The current generation's probes pause while a candidate is on
+        // probation: they reach the service address, so either generation
+        // may answer, and a failure is blamed on the new one.
+        if !self.on_probation() {
+            if let Some(g) = self.current.as_mut() {
+                probe_if_due(g, now, actions);
             }
         }
         for g in &mut self.draining {
@@ -982,8 +1296,13 @@ impl Supervisor {
             .map(|g| {
                 let (state, latency) = match g.state {
                     State::Starting { .. } => ("starting", None),
+                    State::Probation { latency, .. } => ("probation", Some(latency)),
                     State::Ready { latency, .. } => ("ready", Some(latency)),
                     State::Draining { .. } => ("draining", None),
+                };
+                let probation_left = match g.state {
+                    State::Probation { until, .. } => Some(until.saturating_duration_since(now)),
+                    _ => None,
                 };
                 GenerationStatus {
                     generation: g.id,
@@ -993,6 +1312,8 @@ impl Supervisor {
                     ready_after: latency,
                     command: g.config.app.command.join(" "),
                     status: g.status.clone(),
+                    probation_left,
+                    health_failures: g.health.failures,
                 }
             })
             .collect();
@@ -1006,6 +1327,7 @@ impl Supervisor {
             restarting_in: self.restart_at.map(|t| t.saturating_duration_since(now)),
             last_deploy: self.last_deploy.clone().map(|l| (l, now)),
             stopping: self.mode != Mode::Running,
+            replaced: self.replaced,
         }
     }
 }
@@ -1017,6 +1339,19 @@ fn deadline(now: Instant, wait: Duration) -> Instant {
     now.checked_add(wait)
         .or_else(|| now.checked_add(crate::config::MAX_DURATION))
         .unwrap_or(now)
+}
+
+/// Starts a health probe of `g` if one is due and none is in flight.
+fn probe_if_due(g: &mut Generation, now: Instant, actions: &mut Vec<Action>) {
+    let Some(pid) = g.pid else { return };
+    if g.health.due().is_some_and(|d| d <= now) {
+        g.health.in_flight = true;
+        actions.push(Action::Probe {
+            generation: g.id,
+            pid,
+            config: g.config.clone(),
+        });
+    }
 }
 
 fn progress(waiter: WaiterId, progress: Progress) -> Action {
@@ -1048,6 +1383,8 @@ pub(crate) struct Status {
     /// The last deploy and the instant the snapshot was taken.
     pub last_deploy: Option<(LastDeploy, Instant)>,
     pub stopping: bool,
+    /// Current generations replaced for failing their health checks.
+    pub replaced: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -1059,6 +1396,10 @@ pub(crate) struct GenerationStatus {
     pub ready_after: Option<Duration>,
     pub command: String,
     pub status: Option<String>,
+    /// On probation: how long until it is promoted.
+    pub probation_left: Option<Duration>,
+    /// Health checks failed in a row.
+    pub health_failures: u32,
 }
 
 #[cfg(test)]
@@ -1182,6 +1523,8 @@ backoff_max = "1s"
     fn ready(p: i32) -> Event {
         Event::Notify {
             pid: pid(p),
+            group: None,
+            cgroup: None,
             message: Message::parse(b"READY=1"),
         }
     }
@@ -1751,6 +2094,8 @@ backoff_max = "1s"
         h.take_notices();
         let notify = |text: &[u8]| Event::Notify {
             pid: pid(100),
+            group: None,
+            cgroup: None,
             message: Message::parse(text),
         };
         h.on(notify(b"MAINPID=100"));
@@ -1953,6 +2298,256 @@ backoff_max = "1s"
             actions[0],
             Action::Upstream(Upstream::Ready { .. })
         ));
+        assert_eq!(h.states(), [(1, "ready")]);
+    }
+
+    /// `BASE` with a `[health]` table.
+    fn with_health(health: &str) -> String {
+        format!("{BASE}\n[health]\n{health}\n")
+    }
+
+    /// Generation 1 (pid 100) serving under `text`, and a deploy (waiter 1)
+    /// whose candidate 2 (pid 200) is ready at 500 ms.
+    fn deploy_ready_at_500ms(text: &str) -> (Harness, Vec<Action>) {
+        let (mut h, _) = Harness::with(text);
+        h.on(Event::Spawned {
+            generation: 1,
+            pid: pid(100),
+            contained: false,
+        });
+        h.on(ready(100));
+        h.reload(Some(1));
+        h.on(Event::Spawned {
+            generation: 2,
+            pid: pid(200),
+            contained: false,
+        });
+        h.take_notices();
+        let actions = h.at(ms(500)).on(ready(200));
+        (h, actions)
+    }
+
+    fn probes(actions: &[Action]) -> Vec<u64> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Probe { generation, .. } => Some(*generation),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn failed(p: u64, detail: &str) -> Event {
+        Event::Probed {
+            generation: p,
+            ok: false,
+            detail: detail.into(),
+        }
+    }
+
+    /// Issue 9: on probation the old generation serves beside the new one
+    /// and is drained only when the probation is over.
+    #[test]
+    fn probation_keeps_the_old_generation_serving_until_it_passes() {
+        let (mut h, actions) = deploy_ready_at_500ms(&with_health("probation = \"10s\""));
+        assert!(!actions.contains(&term(100)), "{actions:?}");
+        assert_eq!(done(&actions, 1), None);
+        assert_eq!(h.states(), [(1, "ready"), (2, "probation")]);
+        assert_eq!(
+            h.take_notices(),
+            [
+                Notice::Ready {
+                    generation: 2,
+                    after: ms(500)
+                },
+                Notice::Probation {
+                    generation: 2,
+                    beside: 1,
+                    probation: ms(10_000)
+                }
+            ]
+        );
+        let status = h.s.status(h.t0 + ms(2500));
+        assert_eq!(status.generations[1].probation_left, Some(ms(8000)));
+        // A reload meanwhile waits for the deploy, probation included.
+        h.reload(Some(2));
+        assert_eq!(h.s.next_deadline(), Some(h.t0 + ms(10_500)));
+        let actions = h.at(ms(10_500)).on(Event::Tick);
+        assert!(actions.contains(&term(100)));
+        assert_eq!(
+            done(&actions, 1),
+            Some(&Outcome::Succeeded {
+                generation: 2,
+                ready_after: ms(500)
+            })
+        );
+        assert_eq!(spawns(&actions), [3], "the queued reload follows");
+    }
+
+    /// Issue 9: a release that says READY=1 and then dies was promoted and
+    /// the old generation drained: an outage. On probation the deploy is
+    /// cancelled and the old one simply goes on serving.
+    #[test]
+    fn exit_during_probation_cancels_the_deploy() {
+        let (mut h, _) = deploy_ready_at_500ms(&with_health("probation = \"10s\""));
+        let actions = h.at(ms(1500)).on(exited(200, 3));
+        assert!(actions.contains(&cleanup(200)));
+        assert!(!actions.contains(&term(100)));
+        assert_eq!(
+            done(&actions, 1),
+            Some(&Outcome::Failed {
+                generation: 2,
+                reason: Failure::ExitedInProbation(ExitStatus::Code(3))
+            })
+        );
+        assert_eq!(
+            done(&actions, 1).unwrap().to_string(),
+            "generation 2 failed: exited with code 3 during probation"
+        );
+        assert_eq!(h.states(), [(1, "ready")]);
+        assert!(spawns(&actions).is_empty(), "no restart: 1 serves");
+        assert_eq!(h.s.next_deadline(), None);
+    }
+
+    /// Issue 9: failed health checks during probation cancel the deploy;
+    /// meanwhile only the candidate is probed (the probes reach the
+    /// service address, and failures are blamed on the new generation).
+    #[test]
+    fn failing_health_checks_during_probation_cancel_it() {
+        let health = "check = \"http\"\nurl = \"http://127.0.0.1:8080/healthz\"\n\
+                      failures = 2\ninterval = \"1s\"\nprobation = \"10s\"";
+        let (mut h, actions) = deploy_ready_at_500ms(&with_health(health));
+        assert!(probes(&actions).is_empty());
+        assert_eq!(h.s.next_deadline(), Some(h.t0 + ms(500)));
+        assert_eq!(probes(&h.on(Event::Tick)), [2]);
+        // In flight: no second probe until the answer.
+        assert!(probes(&h.on(Event::Tick)).is_empty());
+        assert!(h
+            .at(ms(600))
+            .on(failed(2, "GET /healthz: HTTP 500"))
+            .is_empty());
+        assert_eq!(h.s.next_deadline(), Some(h.t0 + ms(1600)));
+        assert_eq!(probes(&h.at(ms(1600)).on(Event::Tick)), [2]);
+        let actions = h.at(ms(1700)).on(failed(2, "GET /healthz: HTTP 500"));
+        assert!(actions.contains(&term(200)), "drained: it served");
+        assert!(!actions.contains(&term(100)));
+        let outcome = done(&actions, 1).unwrap();
+        assert_eq!(
+            outcome.to_string(),
+            "generation 2 failed: health check failed 2 times during probation: \
+             GET /healthz: HTTP 500"
+        );
+        assert_eq!(h.states(), [(1, "ready"), (2, "draining")]);
+        // The serving generation's own probes go on.
+        assert_eq!(probes(&h.at(ms(1700)).on(Event::Tick)), [1]);
+    }
+
+    /// Issue 9: a current generation that stops passing its health checks
+    /// (wedged, not crashed) is replaced through the usual handoff.
+    #[test]
+    fn wedged_current_generation_is_replaced() {
+        let health = "check = \"tcp\"\naddress = \"127.0.0.1:8080\"\nfailures = 2\n\
+                      interval = \"1s\"";
+        let (mut h, _) = Harness::with(&with_health(health));
+        h.on(Event::Spawned {
+            generation: 1,
+            pid: pid(100),
+            contained: false,
+        });
+        h.on(ready(100));
+        assert_eq!(probes(&h.on(Event::Tick)), [1]);
+        h.on(Event::Probed {
+            generation: 1,
+            ok: true,
+            detail: String::new(),
+        });
+        assert_eq!(probes(&h.at(ms(1000)).on(Event::Tick)), [1]);
+        h.on(failed(1, "connect to 127.0.0.1:8080: timed out"));
+        assert_eq!(probes(&h.at(ms(2000)).on(Event::Tick)), [1]);
+        h.take_notices();
+        let actions = h.on(failed(1, "connect to 127.0.0.1:8080: timed out"));
+        assert_eq!(spawns(&actions), [2]);
+        let notices = h.take_notices();
+        assert!(notices.contains(&Notice::Starting {
+            generation: 2,
+            cause: Cause::Replace
+        }));
+        assert!(matches!(
+            notices[1],
+            Notice::Replacing {
+                generation: 1,
+                failures: 2,
+                ..
+            }
+        ));
+        h.on(Event::Spawned {
+            generation: 2,
+            pid: pid(200),
+            contained: false,
+        });
+        let actions = h.at(ms(2500)).on(ready(200));
+        assert!(actions.contains(&term(100)));
+        assert_eq!(h.states(), [(2, "ready"), (1, "draining")]);
+        assert_eq!(h.s.status(h.now).replaced, 1);
+    }
+
+    /// Issue 9: `check = "exec"` asks the shell to run the check each
+    /// interval until it passes; READY=1 does not count then.
+    #[test]
+    fn exec_readiness_is_checked_each_interval() {
+        let text = BASE.replace(
+            "timeout = \"5s\"",
+            "check = \"exec\"\ncommand = [\"/bin/ready\"]\ninterval = \"200ms\"\ntimeout = \"5s\"",
+        );
+        let (mut h, _) = Harness::with(&text);
+        h.on(Event::Spawned {
+            generation: 1,
+            pid: pid(100),
+            contained: false,
+        });
+        let check = |actions: &[Action]| {
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::CheckReady { generation: 1, .. }))
+        };
+        assert!(check(&h.on(Event::Tick)));
+        assert!(h.on(ready(100)).is_empty(), "READY=1 is not the check");
+        h.on(Event::ReadyCheck {
+            generation: 1,
+            ok: false,
+        });
+        assert_eq!(h.s.next_deadline(), Some(h.t0 + ms(200)));
+        assert!(check(&h.at(ms(200)).on(Event::Tick)));
+        let actions = h.at(ms(250)).on(Event::ReadyCheck {
+            generation: 1,
+            ok: true,
+        });
+        assert!(matches!(
+            actions[0],
+            Action::Upstream(Upstream::Ready { .. })
+        ));
+        assert_eq!(h.states(), [(1, "ready")]);
+    }
+
+    /// Issue 9: a wrapper's `systemd-notify --ready` (another pid of the
+    /// candidate's process group) makes it ready; a stranger's does not.
+    #[test]
+    fn ready_from_a_process_of_the_group_counts() {
+        let (mut h, _) = Harness::with(BASE);
+        h.on(Event::Spawned {
+            generation: 1,
+            pid: pid(100),
+            contained: false,
+        });
+        let from = |group: Option<Pid>| Event::Notify {
+            pid: pid(555),
+            group,
+            cgroup: None,
+            message: Message::parse(b"READY=1"),
+        };
+        h.on(from(Some(pid(999))));
+        assert_eq!(h.states(), [(1, "starting")]);
+        h.on(from(Some(pid(100))));
         assert_eq!(h.states(), [(1, "ready")]);
     }
 

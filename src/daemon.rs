@@ -21,6 +21,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::cgroup::{Containment, Watcher};
+use crate::checks::{Checks, Subject};
 use crate::config::{notify_socket_for, Config, ConfigError};
 use crate::control::{encode, parse_request, Reply, Request, StatusDoc, MAX_REQUEST};
 use crate::core::{Action, Event, ExitStatus, Supervisor, Waiter, WaiterId};
@@ -162,8 +163,11 @@ pub fn run(config_path: &Path, options: Options) -> Result<i32, DaemonError> {
                     .map_err(DaemonError::Runtime)?,
             ),
         };
+        let (check_results, results) = mpsc::unbounded_channel();
         let mut shell = Shell {
             supervisor: None,
+            checks: Checks::new(check_results),
+            check_results: Some(results),
             containment,
             watcher,
             unremoved: Vec::new(),
@@ -357,6 +361,10 @@ struct ControlCommand {
 struct Shell {
     /// Set once the loop's event sources exist (the first spawn needs them).
     supervisor: Option<Supervisor>,
+    /// Readiness and health checks in flight.
+    checks: Checks,
+    /// Their answers that come later; taken by the loop.
+    check_results: Option<mpsc::UnboundedReceiver<Event>>,
     /// Cgroups per generation, or process groups (fixed at start).
     containment: Containment,
     /// Which generations' cgroups changed; with cgroups only.
@@ -410,6 +418,7 @@ impl Shell {
         let mut sigint = install(SignalKind::interrupt());
         let mut sigquit = install(SignalKind::quit());
         let (commands_tx, mut commands) = mpsc::unbounded_channel::<ControlCommand>();
+        let mut check_results = self.check_results.take().expect("the loop runs once");
 
         let clock = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
         let seed = u64::from(std::process::id()) ^ clock.map_or(0, |d| d.as_nanos() as u64);
@@ -446,7 +455,13 @@ impl Shell {
             .watchdog
             .map(|interval| tokio::time::interval(interval / 2));
         while self.exit.is_none() {
-            let deadline = self.supervisor().next_deadline();
+            let deadline = [
+                self.supervisor().next_deadline(),
+                self.checks.next_deadline(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let sleep = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -463,9 +478,13 @@ impl Shell {
                 _ = sigint.recv() => self.event(Event::Stop { fast: false }),
                 _ = sigquit.recv() => self.event(Event::Stop { fast: true }),
                 received = self.notify.recv() => match received {
-                    Ok((pid, message)) => self.event(Event::Notify { pid, message }),
+                    Ok((pid, message)) => {
+                        let (group, cgroup) = self.origin(pid);
+                        self.event(Event::Notify { pid, group, cgroup, message });
+                    }
                     Err(e) => tracing::warn!("notify socket: {e}"),
                 },
+                Some(event) = check_results.recv() => self.event(event),
                 Some(command) = commands.recv() => self.control(command),
                 accepted = control.accept(), if accept_paused.is_none() => match accepted {
                     Ok((stream, _)) => {
@@ -487,6 +506,7 @@ impl Shell {
                 _ = async { tokio::time::sleep_until(accept_paused.expect("checked")).await },
                     if accept_paused.is_some() => accept_paused = None,
                 _ = sleep => {
+                    self.checks.expire(Instant::now());
                     // Exits first: a candidate that died just as its
                     // `delay` ran out must not be promoted.
                     self.reap();
@@ -541,10 +561,36 @@ impl Shell {
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
                 Ok(_) => continue,
             };
+            if let Some(answer) = self.checks.exited(pid, status) {
+                self.event(answer);
+                continue;
+            }
             self.event(Event::Exited { pid, status });
             self.check_listeners();
         }
         self.remove_cgroups();
+    }
+
+    /// Where the sender of a notify datagram was when it arrived: its
+    /// process group, and the generation whose cgroup it is in. A sender
+    /// that has exited already is found in neither (`systemd-notify` that
+    /// exits at once races this, as it races systemd's own lookup).
+    fn origin(&self, pid: Pid) -> (Option<Pid>, Option<u64>) {
+        let group = nix::unistd::getpgid(Some(pid)).ok();
+        let cgroup = self
+            .containment
+            .cgroups()
+            .and_then(|c| c.generation_of(pid));
+        (group, cgroup)
+    }
+
+    /// The processes of `generation` (main process `pid`): its cgroup's, or
+    /// the main process and its descendants.
+    fn processes(&self, generation: u64, pid: Pid) -> Vec<i32> {
+        match self.containment.cgroups() {
+            Some(cgroups) => cgroups.procs(generation),
+            None => crate::procfs::descendants(pid.as_raw()),
+        }
     }
 
     /// Generations whose cgroup changed: those now empty are gone (their
@@ -818,6 +864,51 @@ impl Shell {
                     }
                     if self.containment.cgroups().is_none() {
                         self.kill_escapees(&[(generation, pid)]);
+                    }
+                }
+                Action::CheckReady {
+                    generation,
+                    pid,
+                    config,
+                } => {
+                    let processes = self.processes(generation, pid);
+                    let wanted = self.listeners.wanted();
+                    let subject = Subject {
+                        generation,
+                        pid,
+                        config: &config,
+                        env: &self.base_env,
+                    };
+                    let accepting = || crate::procfs::accepting(&processes, &wanted);
+                    if let Some(answer) = self.checks.ready(&subject, accepting) {
+                        queue.extend(self.supervisor().handle(answer, Instant::now()));
+                    }
+                }
+                Action::Probe {
+                    generation,
+                    pid,
+                    config,
+                } => {
+                    let memory =
+                        config
+                            .health
+                            .max_rss
+                            .and_then(|_| match self.containment.cgroups() {
+                                Some(cgroups) => cgroups.usage(generation).memory_bytes,
+                                None => self
+                                    .processes(generation, pid)
+                                    .into_iter()
+                                    .map(|p| crate::procfs::rss_bytes(p as u32))
+                                    .sum(),
+                            });
+                    let subject = Subject {
+                        generation,
+                        pid,
+                        config: &config,
+                        env: &self.base_env,
+                    };
+                    if let Some(answer) = self.checks.probe(&subject, memory) {
+                        queue.extend(self.supervisor().handle(answer, Instant::now()));
                     }
                 }
                 Action::Progress { waiter, progress } => {

@@ -49,10 +49,14 @@
 //! - [`control`]: the control protocol (newline-delimited JSON) and the
 //!   CLI's client.
 //! - `sd_notify`: sd_notify messages, parsed and rendered (no IO).
+//! - `procfs`: what /proc says of a generation's processes: descendants,
+//!   memory, CPU, and whether they wait on the listeners ("accepting").
 //! - `notify`: the notify socket children report on, and the client of
 //!   baton's own service manager.
 //! - `sockets`: the listeners baton owns: bound (socket2) or adopted from
 //!   systemd by name.
+//! - `checks`: readiness and health checks the core asks for (exec, HTTP,
+//!   TCP, /proc), each bounded and answered as an event.
 //! - `cgroup`: a cgroup v2 directory per generation (made, limited,
 //!   killed, watched until empty), where one is usable.
 //! - `spawn`: starting a generation's process (prepare, fork/exec, read the
@@ -68,12 +72,14 @@
 #![warn(unreachable_pub)]
 
 mod cgroup;
+mod checks;
 pub mod config;
 pub mod control;
 mod core;
 pub mod daemon;
 pub mod notice;
 mod notify;
+mod procfs;
 #[cfg(test)]
 mod properties;
 mod sd_notify;

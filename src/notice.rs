@@ -81,6 +81,14 @@ pub enum Failure {
     SpawnFailed(String),
     /// Not ready within the readiness timeout (in milliseconds on the wire).
     NotReady(#[serde(with = "millis")] Duration),
+    /// Ready, then its main process ended during probation.
+    ExitedInProbation(ExitStatus),
+    /// Ready, then failed this many health checks in a row during
+    /// probation; `detail` is the last failure.
+    Unhealthy {
+        failures: u32,
+        detail: String,
+    },
 }
 
 impl fmt::Display for Failure {
@@ -89,6 +97,11 @@ impl fmt::Display for Failure {
             Failure::Exited(status) => write!(f, "{status} before it was ready"),
             Failure::SpawnFailed(e) => f.write_str(e),
             Failure::NotReady(t) => write!(f, "not ready within {}", secs(*t)),
+            Failure::ExitedInProbation(status) => write!(f, "{status} during probation"),
+            Failure::Unhealthy { failures, detail } => write!(
+                f,
+                "health check failed {failures} times during probation: {detail}"
+            ),
         }
     }
 }
@@ -169,6 +182,30 @@ pub enum Notice {
         generation: u64,
         #[serde(rename = "after_ms", with = "millis")]
         after: Duration,
+    },
+    /// The candidate is ready and on probation: the old generation
+    /// (`beside`) serves with it for `probation`, and is drained only if
+    /// the candidate passes.
+    Probation {
+        generation: u64,
+        beside: u64,
+        #[serde(rename = "probation_ms", with = "millis")]
+        probation: Duration,
+    },
+    /// A health check of `generation` failed (`failures` in a row, of the
+    /// `of` that make baton act).
+    HealthFailed {
+        generation: u64,
+        failures: u32,
+        of: u32,
+        detail: String,
+    },
+    /// The current generation failed `failures` health checks in a row:
+    /// baton replaces it with a fresh one of the same release.
+    Replacing {
+        generation: u64,
+        failures: u32,
+        detail: String,
     },
     /// The candidate failed; `serving` is the generation still serving.
     CandidateFailed {
@@ -289,6 +326,9 @@ pub enum Cause {
     Restart,
     /// A deploy asked for by a reload.
     Deploy,
+    /// Replacing a current generation that failed its health checks (or
+    /// outgrew `[health] max_rss`), with the same release.
+    Replace,
 }
 
 /// The one-line account of a deploy.
@@ -330,7 +370,9 @@ impl Notice {
             | RestartScheduled { .. }
             | DrainTimedOut { .. }
             | TooManyDraining { .. }
-            | MainPidIgnored { .. } => Level::Warn,
+            | MainPidIgnored { .. }
+            | HealthFailed { .. }
+            | Replacing { .. } => Level::Warn,
             GivenUp { .. } | NotifySocketRestored { error: Some(_), .. } => Level::Error,
             EscapeeKilled { .. } | NotifySocketRestored { .. } => Level::Warn,
             ForeignNotify { ready, .. } if *ready => Level::Warn,
@@ -359,6 +401,9 @@ impl Notice {
             Starting { generation, .. }
             | Started { generation, .. }
             | Ready { generation, .. }
+            | Probation { generation, .. }
+            | HealthFailed { generation, .. }
+            | Replacing { generation, .. }
             | CandidateFailed { generation, .. }
             | Draining { generation, .. }
             | Exited { generation, .. }
@@ -465,6 +510,35 @@ impl fmt::Display for Notice {
             Ready { generation, after } => {
                 write!(f, "generation {generation} is ready after {}", secs(*after))
             }
+            Probation {
+                generation,
+                beside,
+                probation,
+            } => write!(
+                f,
+                "generation {generation} on probation for {}: generation {beside} serves beside \
+                 it until then",
+                secs(*probation)
+            ),
+            HealthFailed {
+                generation,
+                failures,
+                of,
+                detail,
+            } => write!(
+                f,
+                "generation {generation}: health check failed ({failures} of {of} in a row): \
+                 {detail}"
+            ),
+            Replacing {
+                generation,
+                failures,
+                detail,
+            } => write!(
+                f,
+                "generation {generation} failed {failures} health checks in a row ({detail}): \
+                 replacing it with a fresh generation of the same release"
+            ),
             CandidateFailed {
                 generation,
                 reason,

@@ -72,6 +72,23 @@ impl Listeners {
         Ok(listeners)
     }
 
+    /// Each socket's inode and whether it is a stream socket: what a
+    /// process waiting on it shows in /proc (`[readiness] check =
+    /// "accepting"`). Read now: a listener baton listened again on may be a
+    /// new socket.
+    pub(crate) fn wanted(&self) -> Vec<crate::procfs::Wanted> {
+        self.sockets
+            .iter()
+            .filter_map(|(l, s)| {
+                let stat = nix::sys::stat::fstat(s.as_fd()).ok()?;
+                Some(crate::procfs::Wanted {
+                    inode: stat.st_ino,
+                    stream: !matches!(l.address, Address::Udp(_)),
+                })
+            })
+            .collect()
+    }
+
     pub(crate) fn fds(&self) -> Vec<BorrowedFd<'_>> {
         self.sockets.iter().map(|(_, s)| s.as_fd()).collect()
     }

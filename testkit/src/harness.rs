@@ -79,6 +79,8 @@ pub struct Setup {
     pub drain_timeout: String,
     /// More lines of `[control]` (its socket is the harness's).
     pub control: String,
+    /// The body of `[health]` (none when empty).
+    pub health: String,
 }
 
 impl Setup {
@@ -95,6 +97,7 @@ impl Setup {
             readiness: "timeout = \"20s\"".into(),
             drain_timeout: "20s".into(),
             control: String::new(),
+            health: String::new(),
         }
     }
 
@@ -144,6 +147,9 @@ impl Setup {
             control.display().to_string(),
             self.control,
         );
+        if !self.health.is_empty() {
+            toml += &format!("\n[health]\n{}\n", self.health);
+        }
         toml
     }
 }

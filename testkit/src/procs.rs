@@ -41,6 +41,9 @@ const INHERITED: &[&str] = &[
     "HELLO_BOOT_GATE",
     "HELLO_EXPECT_FDNAMES",
     "HELLO_DRAIN_IDLE_MS",
+    "HELLO_HEALTH",
+    "HELLO_WEDGE_GATE",
+    "HELLO_EXIT_AFTER_MS",
 ];
 
 pub(crate) fn register(pid: i32) {

@@ -82,6 +82,7 @@ fn status_prints_a_table_and_stable_json() {
             "listeners",
             "pid",
             "reload_queued",
+            "replaced",
             "restarting_in_ms",
             "stopping"
         ]

@@ -8,6 +8,8 @@
 //!   client gets (issue 3).
 //! - `cgroups`: a cgroup per generation: containment, kill, limits (issue
 //!   8; as root).
+//! - `health`: probation, health checks, readiness without code in the app
+//!   (issue 9).
 //! - `hardening`: processes that try to escape the kill, hostile or careless
 //!   children and clients, children as another user (issue 8).
 //! - `systemd`: socket activation, the fd store, and the sd_notify messages
@@ -18,6 +20,7 @@ mod cgroups;
 mod control;
 mod deploy;
 mod hardening;
+mod health;
 mod keepalive;
 mod lifecycle;
 mod systemd;
