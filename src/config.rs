@@ -34,6 +34,22 @@ pub struct Config {
     pub(crate) control_socket: PathBuf,
     /// Members of this group may use the control socket too (mode 0660).
     pub(crate) control_group: Option<Group>,
+    /// Where the current release and the deploy history are kept.
+    pub(crate) state_dir: PathBuf,
+    /// `[deploy]`: commands run around a deploy.
+    pub(crate) hooks: Hooks,
+    /// Where the first `{version}` placeholder is (line, column), when the
+    /// file has one: a release must then be named.
+    pub(crate) version_needed: Option<(usize, usize)>,
+}
+
+/// `[deploy] before` / `after`: run once per deploy, before the candidate
+/// starts and after it passed (probation included).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct Hooks {
+    pub(crate) before: Option<Vec<String>>,
+    pub(crate) before_timeout: Duration,
+    pub(crate) after: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +100,8 @@ pub(crate) struct App {
     pub(crate) umask: Option<u32>,
     /// Resource limits set in each child (soft = hard = the value).
     pub(crate) limits: Vec<Limit>,
+    /// The release to run when no history names one (`{version}`).
+    pub(crate) version: Option<String>,
     /// Where each generation's cgroup goes (`[app] cgroup`).
     pub(crate) cgroup: CgroupPlace,
     /// Written into each generation's cgroup (`memory_max`, `cpu_max`,
@@ -301,8 +319,72 @@ impl Config {
             let message = e.message().trim_end().to_owned();
             at(e.span(), message)
         })?;
-        raw.validate(path)
-            .map_err(|Invalid { span, message }| at(Some(span), message))
+        let (mut config, needs_version) = raw
+            .validate(path)
+            .map_err(|Invalid { span, message }| at(Some(span), message))?;
+        config.version_needed = needs_version.map(|span| line_column(text, span.start));
+        Ok(config)
+    }
+
+    /// A file that uses `{version}` needs a release to start with: the one
+    /// the history in `[state] dir` says serves, else `[app] version`.
+    /// `baton check` and `baton run` refuse it otherwise (the position of
+    /// the first `{version}` in the error).
+    pub fn check_release(&self) -> Result<(), ConfigError> {
+        if !self.uses_version() || self.app.version.is_some() {
+            return Ok(());
+        }
+        match crate::history::load(&self.state_dir, false).0.current {
+            Some(_) => Ok(()),
+            None => Err(self.missing_version()),
+        }
+    }
+
+    /// Whether the file names its release with `{version}`.
+    pub(crate) fn uses_version(&self) -> bool {
+        self.version_needed.is_some()
+    }
+
+    /// The error for a file that uses `{version}` when no release is named
+    /// (no `[app] version`, no history, no `deploy VERSION`).
+    pub(crate) fn missing_version(&self) -> ConfigError {
+        let (line, column) = self.version_needed.unwrap_or((1, 1));
+        ConfigError::Invalid {
+            path: self.path.clone(),
+            line,
+            column,
+            message: "{version} needs a release to run and none is named: set [app] version = \
+                      \"1.0.0\", or start a deploy with `baton deploy VERSION`"
+                .into(),
+        }
+    }
+
+    /// This config with `version` in every `{version}`, and `BATON_VERSION`
+    /// in the app's environment. `version` is valid ([`valid_version`]).
+    pub(crate) fn render(&self, version: Option<&str>) -> Config {
+        let mut c = self.clone();
+        let Some(v) = version else { return c };
+        let fill = |t: &mut String| *t = t.replace("{version}", v);
+        let fill_all = |argv: &mut Vec<String>| argv.iter_mut().for_each(fill);
+        fill_all(&mut c.app.command);
+        if let Some(dir) = &mut c.app.workdir {
+            *dir = PathBuf::from(dir.to_string_lossy().replace("{version}", v));
+        }
+        c.app.env.values_mut().for_each(fill);
+        c.app.env.insert("BATON_VERSION".into(), v.to_owned());
+        if let ReadinessCheck::Exec { command, .. } = &mut c.readiness.check {
+            fill_all(command);
+        }
+        if let Some(Probe::Exec(command)) = &mut c.health.probe {
+            fill_all(command);
+        }
+        for hook in [&mut c.hooks.before, &mut c.hooks.after]
+            .into_iter()
+            .flatten()
+        {
+            fill_all(hook);
+        }
+        c
     }
 
     /// One line for `baton check`: what the file sets up.
@@ -412,6 +494,24 @@ struct RawConfig {
     restart: RawRestart,
     #[serde(default)]
     control: RawControl,
+    #[serde(default)]
+    state: RawState,
+    #[serde(default)]
+    deploy: RawDeploy,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    dir: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDeploy {
+    before: Option<Spanned<Vec<String>>>,
+    before_timeout: RawDuration,
+    after: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -437,6 +537,7 @@ struct RawApp {
     memory_max: Option<Spanned<RawLimit>>,
     cpu_max: Option<Spanned<String>>,
     pids_max: Option<Spanned<RawLimit>>,
+    version: Option<Spanned<String>>,
 }
 
 /// A limit: a number, or "unlimited".
@@ -510,7 +611,8 @@ fn invalid<T>(span: Range<usize>, message: impl Into<String>) -> Result<T, Inval
 const DEFAULT_BACKLOG: i32 = 1024;
 
 impl RawConfig {
-    fn validate(self, path: &Path) -> Result<Config, Invalid> {
+    fn validate(self, path: &Path) -> Result<(Config, Option<Range<usize>>), Invalid> {
+        let needs_version = self.placeholders()?;
         let mut listeners: Vec<Listener> = Vec::with_capacity(self.listen.len());
         let mut names = HashSet::with_capacity(self.listen.len());
         let mut unix_paths = Vec::with_capacity(self.listen.len());
@@ -583,7 +685,11 @@ impl RawConfig {
                  address) to watch: use \"notify\", \"exec\" or \"delay\"",
             );
         }
-        Ok(Config {
+        let state_dir = match &self.state.dir {
+            Some(dir) => absolute_path(dir, "[state] dir")?,
+            None => default_state_dir(path),
+        };
+        let config = Config {
             path: path.to_owned(),
             control_group,
             listeners,
@@ -593,8 +699,169 @@ impl RawConfig {
             drain: self.drain.validate()?,
             restart: self.restart.validate()?,
             control_socket,
+            state_dir,
+            hooks: self.deploy.validate()?,
+            version_needed: None,
+        };
+        Ok((config, needs_version))
+    }
+
+    /// Checks every `{...}` in the fields that take `{version}`; the span
+    /// of the first `{version}`, if there is one.
+    fn placeholders(&self) -> Result<Option<Range<usize>>, Invalid> {
+        let app = &self.app;
+        let mut fields: Vec<(Range<usize>, &str)> = Vec::new();
+        fn argv(raw: &Spanned<Vec<String>>) -> Vec<(Range<usize>, &str)> {
+            raw.get_ref()
+                .iter()
+                .map(|a| (raw.span(), a.as_str()))
+                .collect()
+        }
+        fields.extend(argv(&app.command));
+        if let Some(w) = &app.workdir {
+            fields.push((w.span(), w.get_ref()));
+        }
+        if let Some(env) = &app.env {
+            fields.extend(env.get_ref().values().map(|v| (env.span(), v.as_str())));
+        }
+        for raw in [&self.readiness.command, &self.health.command]
+            .into_iter()
+            .flatten()
+        {
+            fields.extend(argv(raw));
+        }
+        for raw in [&self.deploy.before, &self.deploy.after]
+            .into_iter()
+            .flatten()
+        {
+            fields.extend(argv(raw));
+        }
+        let mut first = None;
+        for (span, text) in fields {
+            if uses_version(text).map_err(|message| Invalid {
+                span: span.clone(),
+                message,
+            })? && first.is_none()
+            {
+                first = Some(span);
+            }
+        }
+        Ok(first)
+    }
+}
+
+/// Whether `text` holds `{version}`. A near miss (`{verison}`,
+/// `{Version}`: within two edits of it) is an error, not text; any other
+/// braces are text (`${HOME}` in a shell command, `$SIG{TERM}` in perl,
+/// JSON).
+fn uses_version(text: &str) -> Result<bool, String> {
+    let mut uses = false;
+    let mut rest = text;
+    let mut before = None;
+    while let Some(open) = rest.find('{') {
+        let dollar = rest[..open].chars().last().or(before) == Some('$');
+        before = Some('{');
+        rest = &rest[open + 1..];
+        let Some(close) = rest.find(['}', '{']) else {
+            break;
+        };
+        if rest.as_bytes()[close] == b'{' {
+            continue;
+        }
+        let name = &rest[..close];
+        if name == "version" {
+            uses = true;
+        } else if !dollar && near("version", &name.to_ascii_lowercase()) {
+            return Err(format!(
+                "unknown placeholder `{{{name}}}` in `{text}`: did you mean {{version}}?"
+            ));
+        }
+    }
+    Ok(uses)
+}
+
+/// Whether `b` is within two single-character edits of `a` (Levenshtein).
+fn near(a: &str, b: &str) -> bool {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    if a.len().abs_diff(b.len()) > 2 || b.is_empty() {
+        return false;
+    }
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let current = row[j + 1];
+            row[j + 1] = (previous + usize::from(ca != cb))
+                .min(row[j] + 1)
+                .min(current + 1);
+            previous = current;
+        }
+    }
+    row[b.len()] <= 2
+}
+
+/// A release's name: what `{version}` becomes in paths, so no `/`, no
+/// leading `.` or `-`, at most 128 of `A-Z a-z 0-9 . _ + ~ -`.
+pub fn valid_version(version: &str) -> Result<(), String> {
+    let ok = !version.is_empty()
+        && version.len() <= 128
+        && !version.starts_with(['.', '-'])
+        && version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '+' | '~' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "release `{version}` is not a valid version: use 1 to 128 of A-Z a-z 0-9 . _ + ~ - \
+             (not starting with . or -), e.g. \"1.4.2\""
+        ))
+    }
+}
+
+impl RawDeploy {
+    fn validate(self) -> Result<Hooks, Invalid> {
+        let hook = |raw: &Option<Spanned<Vec<String>>>, what: &str| -> Result<_, Invalid> {
+            match raw {
+                None => Ok(None),
+                Some(raw) => argv(Some(raw), raw.span(), what).map(Some),
+            }
+        };
+        Ok(Hooks {
+            before: hook(&self.before, "[deploy] before")?,
+            before_timeout: duration(&self.before_timeout, Duration::from_secs(300))?,
+            after: hook(&self.after, "[deploy] after")?,
         })
     }
+}
+
+/// `$STATE_DIRECTORY` (systemd `StateDirectory=`), else
+/// `/var/lib/baton/<stem>` as root, else `$XDG_STATE_HOME/baton/<stem>`
+/// (`~/.local/state/baton/<stem>` without it).
+pub(crate) fn default_state_dir(config_path: &Path) -> PathBuf {
+    if let Some(dir) = std::env::var_os("STATE_DIRECTORY").filter(|d| !d.is_empty()) {
+        let first = dir
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_owned();
+        return PathBuf::from(first);
+    }
+    let stem = config_path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "baton".to_owned());
+    if nix::unistd::getuid().is_root() {
+        return Path::new("/var/lib/baton").join(stem);
+    }
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    base.join("baton").join(stem)
 }
 
 impl RawListen {
@@ -944,6 +1211,16 @@ impl RawApp {
             None => Vec::new(),
             Some(raw) => parse_limits(raw)?,
         };
+        let version = match &self.version {
+            None => None,
+            Some(raw) => {
+                valid_version(raw.get_ref()).map_err(|message| Invalid {
+                    span: raw.span(),
+                    message,
+                })?;
+                Some(raw.get_ref().clone())
+            }
+        };
         Ok(App {
             command,
             workdir,
@@ -951,6 +1228,7 @@ impl RawApp {
             user,
             umask,
             limits,
+            version,
             cgroup,
             cgroup_limits,
         })
@@ -1699,6 +1977,104 @@ group = "root"
                 "{position} in {e}"
             );
             assert!(e.contains(message), "{message} in {e}");
+        }
+    }
+
+    #[test]
+    fn releases_placeholders_state_and_hooks() {
+        let c = parse(
+            "[app]\ncommand = [\"/opt/app/releases/{version}/bin/server\", \"--json={\\\"a\\\":1}\"]\n\
+             workdir = \"/opt/app/releases/{version}\"\nversion = \"1.4.2\"\n\
+             [state]\ndir = \"/var/lib/baton/app\"\n\
+             [deploy]\nbefore = [\"/opt/app/releases/{version}/bin/migrate\"]\nbefore_timeout = \"1m\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.version_needed, Some((2, 11)));
+        assert_eq!(c.app.version.as_deref(), Some("1.4.2"));
+        assert_eq!(c.state_dir, Path::new("/var/lib/baton/app"));
+        assert_eq!(c.hooks.before_timeout, Duration::from_secs(60));
+        let r = c.render(Some("2.0"));
+        assert_eq!(
+            r.app.command,
+            ["/opt/app/releases/2.0/bin/server", "--json={\"a\":1}"]
+        );
+        assert_eq!(
+            r.app.workdir.as_deref(),
+            Some(Path::new("/opt/app/releases/2.0"))
+        );
+        assert_eq!(
+            r.hooks.before.unwrap(),
+            ["/opt/app/releases/2.0/bin/migrate"]
+        );
+        assert_eq!(r.app.env["BATON_VERSION"], "2.0");
+        assert!(parse(MINIMAL).unwrap().version_needed.is_none());
+        let cases = [
+            (
+                "[app]\ncommand = [\"/opt/{verison}/server\"]\n",
+                "2:11",
+                "unknown placeholder `{verison}` in `/opt/{verison}/server`: did you mean {version}?",
+            ),
+            (
+                "[app]\ncommand = [\"/x\"]\nversion = \"../etc\"\n",
+                "3:11",
+                "release `../etc` is not a valid version",
+            ),
+            (
+                "[app]\ncommand = [\"/x\"]\n[state]\ndir = \"state\"\n",
+                "4:7",
+                "[state] dir path `state` must be absolute",
+            ),
+            (
+                "[app]\ncommand = [\"/x\"]\n[deploy]\nbefore = []\n",
+                "4:10",
+                "[deploy] before must name a program",
+            ),
+        ];
+        for (text, position, message) in cases {
+            let e = error(text);
+            assert!(
+                e.contains(&format!("t.toml:{position}: ")),
+                "{position} in {e}"
+            );
+            assert!(e.contains(message), "{message} in {e}");
+        }
+        // {version} with no release anywhere: refused where it is used.
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[app]\ncommand = [\"/opt/{{version}}/server\"]\n[state]\ndir = \"{}\"\n",
+            dir.path().display()
+        );
+        let e = parse(&text)
+            .unwrap()
+            .check_release()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/etc/baton/t.toml:2:11: {version} needs a release"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn only_version_and_its_near_misses_are_placeholders() {
+        assert_eq!(uses_version("/opt/{version}/bin"), Ok(true));
+        for text in [
+            "${HOME}/bin",
+            "$SIG{TERM} = 1",
+            "{\"a\":{\"b\":1}}",
+            "{x}",
+            "${versio}",
+        ] {
+            assert_eq!(uses_version(text), Ok(false), "{text}");
+        }
+        for typo in [
+            "{verison}",
+            "{Version}",
+            "{VERSION}",
+            "{versions}",
+            "{vresion}",
+        ] {
+            assert!(uses_version(typo).is_err(), "{typo}");
         }
     }
 

@@ -48,7 +48,7 @@ pub(crate) fn parse_request(line: &str) -> Result<Request, String> {
     let envelope: Envelope<Request> = serde_json::from_str(line).map_err(|e| {
         format!(
             "bad request ({e}); expected one JSON object per line, e.g. \
-             {{\"v\":1,\"command\":\"status\"}} (commands: reload, status, stop, events)"
+             {{\"v\":1,\"command\":\"status\"}} (commands: reload, deploy, rollback, history, status, stop, events)"
         )
     })?;
     if envelope.v != VERSION {
@@ -71,11 +71,27 @@ pub fn encode<T: Serialize>(body: T) -> String {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum Request {
-    /// Re-read the config file and deploy a new generation.
+    /// Re-read the config file and deploy a new generation (of the
+    /// release that serves).
     Reload {
         #[serde(default)]
         wait: bool,
     },
+    /// Re-read the config file and deploy release `version`.
+    Deploy {
+        version: String,
+        #[serde(default)]
+        wait: bool,
+    },
+    /// Deploy the release that served before the current one (or `to`).
+    Rollback {
+        #[serde(default)]
+        to: Option<String>,
+        #[serde(default)]
+        wait: bool,
+    },
+    /// The deploy history.
+    History,
     Status,
     /// Graceful stop; the connection stays open until baton exits.
     Stop,
@@ -109,6 +125,7 @@ pub enum Reply {
         message: String,
     },
     Status(StatusDoc),
+    History(crate::history::History),
     Stopping,
     /// The request was refused (bad request, invalid config, ...).
     Error {

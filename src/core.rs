@@ -35,6 +35,42 @@ pub(crate) struct Waiter {
     pub follows: bool,
 }
 
+/// Which release a deploy runs (`{version}` in the config).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Release {
+    /// `reload`: the release that serves (else the config's `version`).
+    Current,
+    /// `deploy VERSION`.
+    Version(String),
+    /// `rollback`: the last release that served before the current one,
+    /// or the one named.
+    Rollback { to: Option<String> },
+}
+
+/// What baton remembers of releases: the one serving, and those that
+/// served, oldest first (each once, at its latest place).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Releases {
+    pub current: Option<String>,
+    pub served: Vec<String>,
+}
+
+/// Releases kept in [`Releases::served`].
+const SERVED_KEPT: usize = 100;
+
+/// One deploy (or start, or replacement) for the history.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Record {
+    pub generation: u64,
+    pub version: Option<String>,
+    pub cause: Cause,
+    pub rollback: bool,
+    pub outcome: Outcome,
+    /// When it began, and how long it took.
+    pub began: Instant,
+    pub took: Duration,
+}
+
 /// Inputs to the core.
 #[derive(Debug)]
 pub(crate) enum Event {
@@ -44,6 +80,7 @@ pub(crate) enum Event {
     Reload {
         config: Result<Arc<Config>, String>,
         waiter: Option<Waiter>,
+        release: Release,
     },
     /// The shell started the process of `generation`. Always delivered
     /// before any `Exited` for that pid: the shell spawns synchronously and
@@ -131,8 +168,32 @@ pub(crate) enum Action {
     Upstream(Upstream),
     /// Something to tell the operator (the log, `baton events`).
     Notice(Notice),
+    /// A deploy ended: into the history, with the release that serves now.
+    Record {
+        record: Record,
+        current: Option<String>,
+    },
     /// Everything is stopped: exit the daemon with this code.
     Exit(i32),
+}
+
+/// How a candidate is started: why, with which release, and whether a
+/// rollback asked for it.
+#[derive(Debug, Clone)]
+struct Start {
+    kind: Cause,
+    version: Option<String>,
+    rollback: bool,
+}
+
+/// What the history needs of a candidate whose deploy ended.
+#[derive(Debug, Clone)]
+struct Finished {
+    generation: u64,
+    version: Option<String>,
+    kind: Cause,
+    rollback: bool,
+    began: Instant,
 }
 
 /// Slack on top of a deadline for `EXTEND_TIMEOUT_USEC`: after the last
@@ -179,7 +240,10 @@ impl Progress {
 #[derive(Debug)]
 struct Generation {
     id: u64,
+    /// Its config, `{version}` filled in.
     config: Arc<Config>,
+    /// Its release, when the config names one.
+    version: Option<String>,
     /// `None` between `Action::Spawn` and `Event::Spawned`.
     pid: Option<Pid>,
     started: Instant,
@@ -274,6 +338,8 @@ enum State {
 struct Candidate {
     generation: Generation,
     kind: Cause,
+    /// A deploy asked for by `rollback`.
+    rollback: bool,
     waiters: Vec<WaiterId>,
 }
 
@@ -282,6 +348,8 @@ struct Candidate {
 #[derive(Debug)]
 struct Pending {
     config: Arc<Config>,
+    version: Option<String>,
+    rollback: bool,
     waiters: Vec<WaiterId>,
 }
 
@@ -324,6 +392,7 @@ pub(crate) struct Supervisor {
     drain_watch: Vec<DrainWatch>,
     /// Current generations replaced for failing their health checks.
     replaced: u32,
+    releases: Releases,
     /// Contained generations whose main process has exited and whose
     /// cgroup still holds processes (killed, not yet gone), each with when
     /// baton stops waiting for them.
@@ -341,7 +410,15 @@ struct DrainWatch {
 
 impl Supervisor {
     /// Starts supervising: spawns generation 1 at once.
-    pub(crate) fn new(config: Arc<Config>, now: Instant, seed: u64) -> (Supervisor, Vec<Action>) {
+    /// The release it starts is the one that served last (`releases`), else
+    /// the config's `version`.
+    pub(crate) fn new(
+        config: Arc<Config>,
+        releases: Releases,
+        now: Instant,
+        seed: u64,
+    ) -> (Supervisor, Vec<Action>) {
+        let version = releases.current.clone().or(config.app.version.clone());
         let mut s = Supervisor {
             current: None,
             candidate: None,
@@ -357,11 +434,17 @@ impl Supervisor {
             last_deploy: None,
             drain_watch: Vec::new(),
             replaced: 0,
+            releases,
             ending: Vec::new(),
             rng: fastrand::Rng::with_seed(seed),
         };
         let mut actions = Vec::new();
-        s.start_candidate(config, Cause::Initial, Vec::new(), now, &mut actions);
+        let start = Start {
+            kind: Cause::Initial,
+            version,
+            rollback: false,
+        };
+        s.start_candidate(config, start, Vec::new(), now, &mut actions);
         (s, actions)
     }
 
@@ -369,7 +452,11 @@ impl Supervisor {
     pub(crate) fn handle(&mut self, event: Event, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
         match event {
-            Event::Reload { config, waiter } => self.reload(config, waiter, now, &mut actions),
+            Event::Reload {
+                config,
+                waiter,
+                release,
+            } => self.reload(config, waiter, release, now, &mut actions),
             Event::Spawned {
                 generation,
                 pid,
@@ -468,6 +555,7 @@ impl Supervisor {
         &mut self,
         config: Result<Arc<Config>, String>,
         waiter: Option<Waiter>,
+        release: Release,
         now: Instant,
         actions: &mut Vec<Action>,
     ) {
@@ -477,9 +565,12 @@ impl Supervisor {
             }
             return;
         }
-        let config = config.and_then(|c| self.admit(c, actions));
-        let config = match config {
-            Ok(config) => config,
+        let rollback = matches!(release, Release::Rollback { .. });
+        let config = config
+            .and_then(|c| self.admit(c, actions))
+            .and_then(|c| Ok((self.release(&c, release)?, c)));
+        let (version, config) = match config {
+            Ok(chosen) => chosen,
             Err(reason) => return self.refuse(reason, waiter, actions),
         };
         let waiter = match waiter {
@@ -494,9 +585,13 @@ impl Supervisor {
             actions.push(Action::Notice(Notice::ReloadQueued));
             let pending = self.pending.get_or_insert_with(|| Pending {
                 config: config.clone(),
+                version: version.clone(),
+                rollback,
                 waiters: Vec::new(),
             });
             pending.config = config;
+            pending.version = version;
+            pending.rollback = rollback;
             if let Some(waiter) = waiter {
                 pending.waiters.push(waiter);
                 actions.push(progress(waiter, Progress::Queued));
@@ -506,7 +601,48 @@ impl Supervisor {
         // A restart waiting out its backoff is replaced by the deploy.
         self.restart_at = None;
         let waiters = waiter.into_iter().collect();
-        self.start_candidate(config, Cause::Deploy, waiters, now, actions);
+        let start = Start {
+            kind: Cause::Deploy,
+            version,
+            rollback,
+        };
+        self.start_candidate(config, start, waiters, now, actions);
+    }
+
+    /// The release a deploy of `config` runs, or why there is none.
+    fn release(&self, config: &Config, release: Release) -> Result<Option<String>, String> {
+        let version = match release {
+            Release::Current => self
+                .releases
+                .current
+                .clone()
+                .or_else(|| config.app.version.clone()),
+            Release::Version(v) => Some(v),
+            Release::Rollback { to: Some(v) } => Some(v),
+            Release::Rollback { to: None } => {
+                let current = self.releases.current.as_ref();
+                let before = self
+                    .releases
+                    .served
+                    .iter()
+                    .rev()
+                    .find(|v| Some(*v) != current);
+                match before {
+                    Some(v) => Some(v.clone()),
+                    None => {
+                        return Err(format!(
+                            "nothing to roll back to: no release other than {} has served \
+                             (see `baton history`); name one with --to VERSION",
+                            current.map_or("none", |c| c.as_str())
+                        ))
+                    }
+                }
+            }
+        };
+        if version.is_none() && config.uses_version() {
+            return Err(config.missing_version().to_string());
+        }
+        Ok(version)
     }
 
     /// What of a re-read file can change while baton runs: the listeners
@@ -551,11 +687,17 @@ impl Supervisor {
     fn start_candidate(
         &mut self,
         config: Arc<Config>,
-        kind: Cause,
+        start: Start,
         waiters: Vec<WaiterId>,
         now: Instant,
         actions: &mut Vec<Action>,
     ) {
+        let Start {
+            kind,
+            version,
+            rollback,
+        } = start;
+        let config = Arc::new(config.render(version.as_deref()));
         let id = self.next_id;
         self.next_id += 1;
         let readiness = &config.readiness;
@@ -580,6 +722,7 @@ impl Supervisor {
         actions.push(Action::Notice(Notice::Starting {
             generation: id,
             cause: kind,
+            version: version.clone(),
         }));
         // Before the first READY=1 systemd is still starting the unit: a
         // RELOADING=1/READY=1 pair would end its start with nothing serving.
@@ -599,6 +742,7 @@ impl Supervisor {
             generation: Generation {
                 id,
                 config,
+                version,
                 pid: None,
                 started: now,
                 state: State::Starting {
@@ -612,6 +756,7 @@ impl Supervisor {
                 emptied: false,
             },
             kind,
+            rollback,
             waiters,
         });
     }
@@ -790,7 +935,12 @@ impl Supervisor {
             detail,
         }));
         let config = self.serving_config.clone();
-        self.start_candidate(config, Cause::Replace, Vec::new(), now, actions);
+        let start = Start {
+            kind: Cause::Replace,
+            version: self.releases.current.clone(),
+            rollback: false,
+        };
+        self.start_candidate(config, start, Vec::new(), now, actions);
     }
 
     /// The generation `pid` belongs to: its main process, else one of its
@@ -878,12 +1028,24 @@ impl Supervisor {
         let Some(Candidate {
             mut generation,
             kind,
+            rollback,
             waiters,
         }) = self.candidate.take()
         else {
             return;
         };
         let id = generation.id;
+        let started = generation.started;
+        let version = generation.version.clone();
+        if let Some(v) = &version {
+            let served = &mut self.releases.served;
+            served.retain(|s| s != v);
+            served.push(v.clone());
+            if served.len() > SERVED_KEPT {
+                served.remove(0);
+            }
+            self.releases.current = Some(v.clone());
+        }
         generation.state = State::Ready {
             since: now,
             latency,
@@ -936,19 +1098,42 @@ impl Supervisor {
         } else {
             actions.push(Action::Upstream(Upstream::Status(status)));
         }
-        self.finish_deploy(kind, outcome, latency, waiters, now, actions);
+        let finished = Finished {
+            generation: id,
+            version,
+            kind,
+            rollback,
+            began: started,
+        };
+        self.finish_deploy(finished, outcome, latency, waiters, now, actions);
     }
 
     /// Records the outcome, answers the waiters and starts a queued reload.
     fn finish_deploy(
         &mut self,
-        kind: Cause,
+        finished: Finished,
         outcome: Outcome,
         took: Duration,
         waiters: Vec<WaiterId>,
         now: Instant,
         actions: &mut Vec<Action>,
     ) {
+        let kind = finished.kind;
+        // Restarts after a crash are not deploys: the history has them not.
+        if kind != Cause::Restart {
+            actions.push(Action::Record {
+                record: Record {
+                    generation: finished.generation,
+                    version: finished.version,
+                    cause: kind,
+                    rollback: finished.rollback,
+                    outcome: outcome.clone(),
+                    began: finished.began,
+                    took: now.saturating_duration_since(finished.began),
+                },
+                current: self.releases.current.clone(),
+            });
+        }
         if kind == Cause::Deploy {
             actions.push(Action::Notice(Notice::DeployFinished {
                 outcome: outcome.clone(),
@@ -963,9 +1148,20 @@ impl Supervisor {
         for waiter in waiters {
             actions.push(progress(waiter, Progress::Done(outcome.clone())));
         }
-        if let Some(Pending { config, waiters }) = self.pending.take() {
+        if let Some(Pending {
+            config,
+            version,
+            rollback,
+            waiters,
+        }) = self.pending.take()
+        {
             self.restart_at = None;
-            self.start_candidate(config, Cause::Deploy, waiters, now, actions);
+            let start = Start {
+                kind: Cause::Deploy,
+                version,
+                rollback,
+            };
+            self.start_candidate(config, start, waiters, now, actions);
         }
     }
 
@@ -974,6 +1170,7 @@ impl Supervisor {
         let Some(Candidate {
             generation,
             kind,
+            rollback,
             waiters,
         }) = self.candidate.take()
         else {
@@ -981,6 +1178,13 @@ impl Supervisor {
         };
         let id = generation.id;
         let took = now - generation.started;
+        let finished = Finished {
+            generation: id,
+            version: generation.version.clone(),
+            kind,
+            rollback,
+            began: generation.started,
+        };
         match (&reason, generation.pid) {
             // It may already have accepted connections from the shared
             // queue (and on probation it served): stop it like a draining
@@ -1031,7 +1235,7 @@ impl Supervisor {
         if serving.is_none() && self.mode == Mode::Running {
             self.schedule_restart(now, actions);
         }
-        self.finish_deploy(kind, outcome, took, waiters, now, actions);
+        self.finish_deploy(finished, outcome, took, waiters, now, actions);
     }
 
     fn schedule_restart(&mut self, now: Instant, actions: &mut Vec<Action>) {
@@ -1236,7 +1440,12 @@ impl Supervisor {
         if self.restart_at.is_some_and(|t| t <= now) && self.candidate.is_none() {
             self.restart_at = None;
             let config = self.serving_config.clone();
-            self.start_candidate(config, Cause::Restart, Vec::new(), now, actions);
+            let start = Start {
+                kind: Cause::Restart,
+                version: self.releases.current.clone(),
+                rollback: false,
+            };
+            self.start_candidate(config, start, Vec::new(), now, actions);
         }
     }
 
@@ -1433,6 +1642,8 @@ backoff_max = "1s"
         config: Arc<Config>,
         notices: Vec<Notice>,
         upstream: Vec<Upstream>,
+        /// History records, with the serving release after each.
+        records: Vec<(Record, Option<String>)>,
     }
 
     fn pid(n: i32) -> Pid {
@@ -1447,7 +1658,7 @@ backoff_max = "1s"
         fn with(text: &str) -> (Harness, Vec<Action>) {
             let config = config(text);
             let t0 = Instant::now();
-            let (s, actions) = Supervisor::new(config.clone(), t0, 1);
+            let (s, actions) = Supervisor::new(config.clone(), Releases::default(), t0, 1);
             let mut h = Harness {
                 s,
                 t0,
@@ -1455,6 +1666,7 @@ backoff_max = "1s"
                 config,
                 notices: Vec::new(),
                 upstream: Vec::new(),
+                records: Vec::new(),
             };
             let actions = h.sort(actions);
             (h, actions)
@@ -1488,6 +1700,7 @@ backoff_max = "1s"
             for action in actions {
                 match action {
                     Action::Notice(n) => self.notices.push(n),
+                    Action::Record { record, current } => self.records.push((record, current)),
                     Action::Upstream(u) => {
                         self.upstream.push(u.clone());
                         effects.push(Action::Upstream(u));
@@ -1502,7 +1715,11 @@ backoff_max = "1s"
         fn reload(&mut self, waiter: Option<WaiterId>) -> Vec<Action> {
             let config = Ok(self.config.clone());
             let waiter = waiter.map(|id| Waiter { id, follows: true });
-            self.on(Event::Reload { config, waiter })
+            self.on(Event::Reload {
+                config,
+                waiter,
+                release: Release::Current,
+            })
         }
 
         /// Notices since the last call.
@@ -2127,6 +2344,7 @@ backoff_max = "1s"
                 id: 7,
                 follows: true,
             }),
+            release: Release::Current,
         });
         assert_eq!(
             actions,
@@ -2143,6 +2361,7 @@ backoff_max = "1s"
         let actions = h.on(Event::Reload {
             config: Err("app.toml:3:1: bad".into()),
             waiter: None,
+            release: Release::Current,
         });
         assert_eq!(
             actions,
@@ -2176,6 +2395,7 @@ backoff_max = "1s"
                 id: 1,
                 follows: true,
             }),
+            release: Release::Current,
         });
         assert!(
             matches!(&actions[2], Action::Progress { progress: Progress::Refused(why), .. }
@@ -2190,6 +2410,7 @@ backoff_max = "1s"
         let actions = h.on(Event::Reload {
             config: Ok(control),
             waiter: None,
+            release: Release::Current,
         });
         assert_eq!(spawns(&actions), [2]);
         assert!(h.take_notices().contains(&Notice::ControlChangeDeferred));
@@ -2204,6 +2425,7 @@ backoff_max = "1s"
                 id: 3,
                 follows: false,
             }),
+            release: Release::Current,
         });
         assert_eq!(actions[0], progress(3, Progress::Accepted));
         assert_eq!(spawns(&actions), [2]);
@@ -2237,7 +2459,8 @@ backoff_max = "1s"
             [
                 Notice::Starting {
                     generation: 2,
-                    cause: Cause::Deploy
+                    cause: Cause::Deploy,
+                    version: None,
                 },
                 Notice::Started {
                     generation: 2,
@@ -2470,7 +2693,8 @@ backoff_max = "1s"
         let notices = h.take_notices();
         assert!(notices.contains(&Notice::Starting {
             generation: 2,
-            cause: Cause::Replace
+            cause: Cause::Replace,
+            version: None,
         }));
         assert!(matches!(
             notices[1],
@@ -2551,6 +2775,203 @@ backoff_max = "1s"
         assert_eq!(h.states(), [(1, "ready")]);
     }
 
+    /// `BASE` whose command names its release.
+    const RELEASED: &str = r#"
+[app]
+command = ["/opt/app/releases/{version}/bin/server"]
+env = { APP_VERSION = "{version}" }
+[readiness]
+timeout = "5s"
+[drain]
+timeout = "10s"
+[restart]
+backoff_initial = "100ms"
+backoff_max = "1s"
+"#;
+
+    fn release(h: &mut Harness, release: Release, waiter: WaiterId) -> Vec<Action> {
+        let config = Ok(h.config.clone());
+        let waiter = Some(Waiter {
+            id: waiter,
+            follows: true,
+        });
+        h.on(Event::Reload {
+            config,
+            waiter,
+            release,
+        })
+    }
+
+    fn spawned_command(actions: &[Action]) -> Vec<String> {
+        actions
+            .iter()
+            .find_map(|a| match a {
+                Action::Spawn { config, .. } => Some(config.app.command.clone()),
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
+
+    /// Generation `n` (pid n*100) spawned and ready.
+    fn up(h: &mut Harness, n: u64) -> Vec<Action> {
+        h.on(Event::Spawned {
+            generation: n,
+            pid: pid(n as i32 * 100),
+            contained: false,
+        });
+        h.on(ready(n as i32 * 100))
+    }
+
+    /// Issue 9: releases. `deploy VERSION` fills `{version}`; `rollback`
+    /// goes back to the one that served before; a restart keeps the
+    /// serving release; the history hears every deploy.
+    #[test]
+    fn deploy_rollback_and_restart_keep_track_of_releases() {
+        let config = config(RELEASED);
+        let t0 = Instant::now();
+        let releases = Releases {
+            current: Some("1".into()),
+            served: vec!["1".into()],
+        };
+        let (s, actions) = Supervisor::new(config.clone(), releases, t0, 1);
+        assert_eq!(
+            spawned_command(&actions),
+            ["/opt/app/releases/1/bin/server"]
+        );
+        let mut h = Harness {
+            s,
+            t0,
+            now: t0,
+            config,
+            notices: Vec::new(),
+            upstream: Vec::new(),
+            records: Vec::new(),
+        };
+        up(&mut h, 1);
+        let actions = release(&mut h, Release::Version("2".into()), 1);
+        assert_eq!(
+            spawned_command(&actions),
+            ["/opt/app/releases/2/bin/server"]
+        );
+        let spawn_env = actions.iter().find_map(|a| match a {
+            Action::Spawn { config, .. } => Some(config.app.env.clone()),
+            _ => None,
+        });
+        let env = spawn_env.unwrap();
+        assert_eq!(
+            (env["APP_VERSION"].as_str(), env["BATON_VERSION"].as_str()),
+            ("2", "2")
+        );
+        up(&mut h, 2);
+        // 3 is broken: its exec fails, 2 keeps serving.
+        release(&mut h, Release::Version("3".into()), 2);
+        h.on(Event::SpawnFailed {
+            generation: 3,
+            error: "exec failed: ENOENT".into(),
+        });
+        let actions = release(&mut h, Release::Rollback { to: None }, 3);
+        assert_eq!(
+            spawned_command(&actions),
+            ["/opt/app/releases/1/bin/server"]
+        );
+        up(&mut h, 4);
+        type Row<'a> = (u64, Option<&'a str>, bool, bool, Option<&'a str>);
+        let summary: Vec<Row> = h
+            .records
+            .iter()
+            .map(|(r, current)| {
+                (
+                    r.generation,
+                    r.version.as_deref(),
+                    r.outcome.succeeded(),
+                    r.rollback,
+                    current.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (1, Some("1"), true, false, Some("1")),
+                (2, Some("2"), true, false, Some("2")),
+                (3, Some("3"), false, false, Some("2")),
+                (4, Some("1"), true, true, Some("1")),
+            ]
+        );
+        // Rolling back again goes to 2, the one before 1's return.
+        let actions = release(&mut h, Release::Rollback { to: None }, 4);
+        assert_eq!(
+            spawned_command(&actions),
+            ["/opt/app/releases/2/bin/server"]
+        );
+        up(&mut h, 5);
+        // A crash restarts the serving release, and is not a deploy.
+        h.at(ms(100)).on(exited(500, 1));
+        let wait = h.s.next_deadline().unwrap();
+        let actions = h.at(wait - h.t0).on(Event::Tick);
+        assert_eq!(
+            spawned_command(&actions),
+            ["/opt/app/releases/2/bin/server"]
+        );
+        up(&mut h, 6);
+        assert_eq!(h.records.len(), 5);
+    }
+
+    /// Issue 9: a file with `{version}` and no release named is refused,
+    /// and so is a rollback with nothing to go back to.
+    #[test]
+    fn missing_release_or_rollback_target_is_refused() {
+        let config = config(RELEASED);
+        let t0 = Instant::now();
+        let releases = Releases {
+            current: Some("7".into()),
+            served: vec!["7".into()],
+        };
+        let (s, _) = Supervisor::new(config.clone(), releases, t0, 1);
+        let mut h = Harness {
+            s,
+            t0,
+            now: t0,
+            config,
+            notices: Vec::new(),
+            upstream: Vec::new(),
+            records: Vec::new(),
+        };
+        up(&mut h, 1);
+        let actions = release(&mut h, Release::Rollback { to: None }, 1);
+        let refused = actions.iter().find_map(|a| match a {
+            Action::Progress {
+                progress: Progress::Refused(why),
+                ..
+            } => Some(why.clone()),
+            _ => None,
+        });
+        let refused = refused.unwrap();
+        assert!(
+            refused.contains("nothing to roll back to: no release other than 7 has served"),
+            "{refused}"
+        );
+        assert!(spawns(&actions).is_empty());
+        // Without history and without [app] version: no release at all.
+        let (mut s, actions) = Supervisor::new(h.config.clone(), Releases::default(), t0, 1);
+        assert_eq!(
+            spawned_command(&actions),
+            ["/opt/app/releases/{version}/bin/server"]
+        );
+        let refused = s.handle(
+            Event::Reload {
+                config: Ok(h.config.clone()),
+                waiter: None,
+                release: Release::Current,
+            },
+            t0,
+        );
+        assert!(refused.iter().any(|a| matches!(
+            a,
+            Action::Notice(Notice::ReloadRefused { reason }) if reason.contains("{version} needs a release")
+        )));
+    }
+
     /// Issue 8: deadlines past what `Instant` holds aborted the daemon.
     /// The config bounds durations; the core must not panic regardless.
     #[test]
@@ -2562,7 +2983,7 @@ backoff_max = "1s"
         text.restart.backoff_initial = Duration::MAX;
         let huge = Arc::new(text);
         let t0 = Instant::now();
-        let (mut s, _) = Supervisor::new(huge.clone(), t0, 1);
+        let (mut s, _) = Supervisor::new(huge.clone(), Releases::default(), t0, 1);
         s.handle(
             Event::Spawned {
                 generation: 1,
@@ -2576,6 +2997,7 @@ backoff_max = "1s"
             Event::Reload {
                 config: Ok(huge),
                 waiter: None,
+                release: Release::Current,
             },
             t0,
         );

@@ -24,7 +24,8 @@ use crate::cgroup::{Containment, Watcher};
 use crate::checks::{Checks, Subject};
 use crate::config::{notify_socket_for, Config, ConfigError};
 use crate::control::{encode, parse_request, Reply, Request, StatusDoc, MAX_REQUEST};
-use crate::core::{Action, Event, ExitStatus, Supervisor, Waiter, WaiterId};
+use crate::core::{Action, Event, ExitStatus, Release, Supervisor, Waiter, WaiterId};
+use crate::history::History;
 use crate::notice::{Level, Notice};
 use crate::notify::{NotifySocket, UpstreamNotifier};
 use crate::sockets::{bind_unix, Listeners, SocketError};
@@ -98,6 +99,11 @@ pub struct Options {
 pub fn run(config_path: &Path, options: Options) -> Result<i32, DaemonError> {
     let config = Arc::new(Config::load(config_path)?);
     runnable(&config, None).map_err(DaemonError::Unrunnable)?;
+    // The release last serving comes back after a restart (or a reboot).
+    let (history, history_problem) = crate::history::load(&config.state_dir, true);
+    if history.current.is_none() {
+        config.check_release()?;
+    }
     // Orphans of the application (a daemonizing helper, say) are
     // reparented to baton instead of init, and reaped by its reaper: no
     // zombies, even when baton is PID 1 of an appliance image (where this
@@ -166,6 +172,8 @@ pub fn run(config_path: &Path, options: Options) -> Result<i32, DaemonError> {
         let (check_results, results) = mpsc::unbounded_channel();
         let mut shell = Shell {
             supervisor: None,
+            history,
+            state_dir: config.state_dir.clone(),
             checks: Checks::new(check_results),
             check_results: Some(results),
             containment,
@@ -190,6 +198,9 @@ pub fn run(config_path: &Path, options: Options) -> Result<i32, DaemonError> {
             json_notices: options.json_notices,
             exit: None,
         };
+        if let Some(problem) = history_problem {
+            shell.notice(Notice::HistoryUnusable { problem });
+        }
         let code = shell.run(config.clone(), control).await;
         shell.listeners.remove_files();
         if let Some(cgroups) = shell.containment.cgroups() {
@@ -361,6 +372,9 @@ struct ControlCommand {
 struct Shell {
     /// Set once the loop's event sources exist (the first spawn needs them).
     supervisor: Option<Supervisor>,
+    /// The deploy history, as on disk in `state_dir` (fixed at start).
+    history: History,
+    state_dir: PathBuf,
     /// Readiness and health checks in flight.
     checks: Checks,
     /// Their answers that come later; taken by the loop.
@@ -440,7 +454,8 @@ impl Shell {
             },
         };
         self.notice(containment);
-        let (supervisor, actions) = Supervisor::new(config, Instant::now(), seed);
+        let releases = self.history.releases();
+        let (supervisor, actions) = Supervisor::new(config, releases, Instant::now(), seed);
         self.supervisor = Some(supervisor);
         self.execute(actions);
 
@@ -472,7 +487,7 @@ impl Shell {
                 _ = sigchld.recv() => self.reap(),
                 _ = sighup.recv() => {
                     tracing::info!("SIGHUP: reloading");
-                    self.reload(None);
+                    self.reload(None, Release::Current);
                 }
                 _ = sigterm.recv() => self.event(Event::Stop { fast: false }),
                 _ = sigint.recv() => self.event(Event::Stop { fast: false }),
@@ -624,7 +639,7 @@ impl Shell {
 
     /// Re-reads the config file and hands it, or why it is unusable, to
     /// the core, which decides what happens (and what the client hears).
-    fn reload(&mut self, waiter: Option<(mpsc::UnboundedSender<Reply>, bool)>) {
+    fn reload(&mut self, waiter: Option<(mpsc::UnboundedSender<Reply>, bool)>, release: Release) {
         let config = Config::load(&self.config_path)
             .map_err(|e| e.to_string())
             .and_then(|c| runnable(&c, Some(&self.containment)).map(|()| Arc::new(c)));
@@ -634,7 +649,11 @@ impl Shell {
             self.waiters.insert(id, reply);
             Waiter { id, follows }
         });
-        self.event(Event::Reload { config, waiter });
+        self.event(Event::Reload {
+            config,
+            waiter,
+            release,
+        });
     }
 
     /// A new control connection: refused at once unless its peer may use
@@ -748,7 +767,24 @@ impl Shell {
 
     fn control(&mut self, ControlCommand { request, reply }: ControlCommand) {
         match request {
-            Request::Reload { wait } => self.reload(Some((reply, wait))),
+            Request::Reload { wait } => self.reload(Some((reply, wait)), Release::Current),
+            Request::Deploy { version, wait } => match crate::config::valid_version(&version) {
+                Ok(()) => self.reload(Some((reply, wait)), Release::Version(version)),
+                Err(message) => {
+                    let _ = reply.send(Reply::Error { message });
+                }
+            },
+            Request::Rollback { to, wait } => {
+                match to.as_deref().map(crate::config::valid_version).transpose() {
+                    Ok(_) => self.reload(Some((reply, wait)), Release::Rollback { to }),
+                    Err(message) => {
+                        let _ = reply.send(Reply::Error { message });
+                    }
+                }
+            }
+            Request::History => {
+                let _ = reply.send(Reply::History(self.history.clone()));
+            }
             Request::Status => {
                 let status = self.supervisor().status(Instant::now());
                 let listeners = self.listeners.describe().into_iter();
@@ -937,6 +973,15 @@ impl Shell {
                     });
                 }
                 Action::Notice(notice) => self.notice(notice),
+                Action::Record { record, current } => {
+                    self.history.add(&record, current, record.began.elapsed());
+                    if let Err(e) = crate::history::save(&self.state_dir, &self.history) {
+                        self.notice(Notice::HistoryNotSaved {
+                            path: self.state_dir.display().to_string(),
+                            error: e.to_string(),
+                        });
+                    }
+                }
                 Action::Upstream(message) => {
                     if let Some(upstream) = &self.upstream {
                         upstream.send(&message);

@@ -42,6 +42,8 @@
 //! - `core`: the sans-IO state machine, `handle(Event, now) -> Vec<Action>`:
 //!   every deploy decision, every message to systemd and to waiting
 //!   clients, every notice. No IO, no clock.
+//! - [`history`]: the release that serves and the deploy history, in
+//!   `[state] dir` (written atomically, read leniently).
 //! - [`notice`]: what baton tells the world, as types ([`notice::Notice`],
 //!   outcomes, exit statuses); their serialized form is protocol.
 //! - [`config`]: the TOML file, parsed into raw serde types and validated
@@ -77,6 +79,7 @@ pub mod config;
 pub mod control;
 mod core;
 pub mod daemon;
+pub mod history;
 pub mod notice;
 mod notify;
 mod procfs;

@@ -63,6 +63,51 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration, requires = "wait")]
         timeout: Option<Duration>,
     },
+    /// Deploy release VERSION (`{version}` in the config), the config file
+    /// re-read as for `reload`.
+    ///
+    /// A release whose program does not exist fails the deploy (exec
+    /// failed); the old generation keeps serving. `[deploy] before` runs
+    /// first, once.
+    #[command(after_help = EXIT_CODES)]
+    Deploy {
+        /// The release, e.g. 1.4.2 (A-Z a-z 0-9 . _ + ~ -).
+        version: String,
+        #[arg(short, long, default_value = config::DEFAULT_PATH, env = "BATON_CONFIG")]
+        config: PathBuf,
+        /// Print progress and exit 0 only when the new generation serves
+        /// (after its probation, if the config sets one).
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this long (e.g. "90s"); the deploy goes on.
+        #[arg(long, value_parser = humantime::parse_duration, requires = "wait")]
+        timeout: Option<Duration>,
+    },
+    /// Deploy the release that served before the current one, through the
+    /// same zero-downtime path.
+    #[command(after_help = EXIT_CODES)]
+    Rollback {
+        #[arg(short, long, default_value = config::DEFAULT_PATH, env = "BATON_CONFIG")]
+        config: PathBuf,
+        /// Roll back to this release instead.
+        #[arg(long, value_name = "VERSION")]
+        to: Option<String>,
+        /// Print progress and exit 0 only when the release serves again.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this long (e.g. "90s"); the deploy goes on.
+        #[arg(long, value_parser = humantime::parse_duration, requires = "wait")]
+        timeout: Option<Duration>,
+    },
+    /// The deploys, newest first: generation, release, when, how long,
+    /// outcome and why (kept in `[state] dir`, the last 100).
+    History {
+        #[arg(short, long, default_value = config::DEFAULT_PATH, env = "BATON_CONFIG")]
+        config: PathBuf,
+        /// Print one JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the generations, their state and the last deploy's outcome.
     Status {
         #[arg(short, long, default_value = config::DEFAULT_PATH, env = "BATON_CONFIG")]
@@ -136,7 +181,20 @@ fn main() -> ExitCode {
             config,
             wait,
             timeout,
-        } => reload(config, wait, timeout),
+        } => reload(config, &Request::Reload { wait }, timeout),
+        Command::Deploy {
+            version,
+            config,
+            wait,
+            timeout,
+        } => reload(config, &Request::Deploy { version, wait }, timeout),
+        Command::Rollback {
+            config,
+            to,
+            wait,
+            timeout,
+        } => reload(config, &Request::Rollback { to, wait }, timeout),
+        Command::History { config, json } => history(config, json),
         Command::Status { config, json } => status(config, json),
         Command::Check { config } => check(config),
         Command::Stop { config } => stop(config),
@@ -263,8 +321,9 @@ fn connect(
     })
 }
 
-fn reload(path: PathBuf, wait: bool, timeout: Option<Duration>) -> u8 {
-    let mut client = match connect(&path, &Request::Reload { wait }, timeout) {
+/// `reload`, `deploy` and `rollback`: one request, then its progress.
+fn reload(path: PathBuf, request: &Request, timeout: Option<Duration>) -> u8 {
+    let mut client = match connect(&path, request, timeout) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -326,9 +385,67 @@ fn reload(path: PathBuf, wait: bool, timeout: Option<Duration>) -> u8 {
                 eprintln!("baton: {message}");
                 return FAILED;
             }
-            Reply::Status(_) | Reply::Stopping | Reply::Notice(_) | Reply::Following => {}
+            Reply::Status(_)
+            | Reply::History(_)
+            | Reply::Stopping
+            | Reply::Notice(_)
+            | Reply::Following => {}
         }
     }
+}
+
+fn history(path: PathBuf, json: bool) -> u8 {
+    let mut client = match connect(&path, &Request::History, Some(Duration::from_secs(10))) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let history = match client.receive() {
+        Ok(Some(Reply::History(history))) => history,
+        Ok(Some(Reply::Error { message })) => {
+            eprintln!("baton: {message}");
+            return FAILED;
+        }
+        Ok(_) => {
+            eprintln!("baton: the daemon answered something other than a history");
+            return USAGE;
+        }
+        Err(e) => {
+            eprintln!("baton: {e}");
+            return USAGE;
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&history).expect("the history serializes")
+        );
+        return OK;
+    }
+    let serving = history.current.as_deref().unwrap_or("-");
+    println!("serving release: {serving}");
+    println!(
+        "{:<6} {:<14} {:<9} {:<20} {:>8}  OUTCOME",
+        "GEN", "RELEASE", "KIND", "STARTED", "TOOK"
+    );
+    for e in &history.deploys {
+        let took = baton::notice::secs(Duration::from_millis(e.took_ms));
+        let outcome = match &e.reason {
+            Some(reason) => format!("{}: {reason}", e.outcome),
+            None => e.outcome.clone(),
+        };
+        println!(
+            "{:<6} {:<14} {:<9} {:<20} {:>8}  {outcome}",
+            e.generation,
+            e.version.as_deref().unwrap_or("-"),
+            e.kind,
+            e.started,
+            took
+        );
+    }
+    if history.deploys.is_empty() {
+        println!("(no deploy recorded)");
+    }
+    OK
 }
 
 fn status(path: PathBuf, json: bool) -> u8 {
@@ -368,7 +485,7 @@ fn status(path: PathBuf, json: bool) -> u8 {
 }
 
 fn check(path: PathBuf) -> u8 {
-    match Config::load(&path) {
+    match Config::load(&path).and_then(|c| c.check_release().map(|()| c)) {
         Ok(c) => {
             println!("{}: ok ({})", path.display(), c.summary());
             OK

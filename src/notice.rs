@@ -168,10 +168,13 @@ pub enum Notice {
     },
     /// A reload arrived during a deploy: it follows as one more deploy.
     ReloadQueued,
-    /// A generation is being started (its pid follows in `Started`).
+    /// A generation is being started (its pid follows in `Started`), with
+    /// its release when the config names one.
     Starting {
         generation: u64,
         cause: Cause,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<String>,
     },
     Started {
         generation: u64,
@@ -308,6 +311,16 @@ pub enum Notice {
         generation: u64,
         pid: i32,
     },
+    /// The deploy history in `[state] dir` could not be used (unreadable,
+    /// corrupt): baton started without it.
+    HistoryUnusable {
+        problem: String,
+    },
+    /// The deploy history could not be written.
+    HistoryNotSaved {
+        path: String,
+        error: String,
+    },
     /// A stop began: drain (`fast: false`) or kill every generation.
     Stopping {
         fast: bool,
@@ -372,7 +385,9 @@ impl Notice {
             | TooManyDraining { .. }
             | MainPidIgnored { .. }
             | HealthFailed { .. }
-            | Replacing { .. } => Level::Warn,
+            | Replacing { .. }
+            | HistoryUnusable { .. }
+            | HistoryNotSaved { .. } => Level::Warn,
             GivenUp { .. } | NotifySocketRestored { error: Some(_), .. } => Level::Error,
             EscapeeKilled { .. } | NotifySocketRestored { .. } => Level::Warn,
             ForeignNotify { ready, .. } if *ready => Level::Warn,
@@ -503,6 +518,11 @@ impl fmt::Display for Notice {
                 reason.as_deref().unwrap_or("no cgroup")
             ),
             ReloadQueued => f.write_str("reload requested during a deploy: queued to follow it"),
+            Starting {
+                generation,
+                version: Some(version),
+                ..
+            } => write!(f, "starting generation {generation} (release {version})"),
             Starting { generation, .. } => write!(f, "starting generation {generation}"),
             Started { generation, pid } => {
                 write!(f, "generation {generation} started as pid {pid}")
@@ -665,6 +685,12 @@ impl fmt::Display for Notice {
             Stopping { fast: true } => f.write_str("fast stop: killing every generation"),
             Stopping { fast: false } => f.write_str("graceful stop: draining every generation"),
             AllExited => f.write_str("every generation has exited"),
+            HistoryUnusable { problem } => write!(f, "deploy history: {problem}"),
+            HistoryNotSaved { path, error } => write!(
+                f,
+                "cannot save the deploy history in {path}: {error} (baton goes on; a restart \
+                 would not know the release that serves: check [state] dir)"
+            ),
         }
     }
 }

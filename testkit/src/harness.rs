@@ -81,6 +81,8 @@ pub struct Setup {
     pub control: String,
     /// The body of `[health]` (none when empty).
     pub health: String,
+    /// More tables, at the end of the file (`[state]`, `[deploy]`).
+    pub extra: String,
 }
 
 impl Setup {
@@ -98,6 +100,7 @@ impl Setup {
             drain_timeout: "20s".into(),
             control: String::new(),
             health: String::new(),
+            extra: String::new(),
         }
     }
 
@@ -150,6 +153,7 @@ impl Setup {
         if !self.health.is_empty() {
             toml += &format!("\n[health]\n{}\n", self.health);
         }
+        toml += &self.extra;
         toml
     }
 }

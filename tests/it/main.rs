@@ -12,6 +12,8 @@
 //!   (issue 9).
 //! - `hardening`: processes that try to escape the kill, hostile or careless
 //!   children and clients, children as another user (issue 8).
+//! - `releases`: `{version}`, deploy, rollback, history, the serving
+//!   release across restarts (issue 9).
 //! - `systemd`: socket activation, the fd store, and the sd_notify messages
 //!   baton sends to its own service manager.
 //! - `keepalive`: the app's side of a handoff: boot, keep-alive (issue 13).
@@ -23,6 +25,7 @@ mod hardening;
 mod health;
 mod keepalive;
 mod lifecycle;
+mod releases;
 mod systemd;
 
 use std::path::Path;
