@@ -19,20 +19,37 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::config::{Config, Probe, ReadinessCheck};
-use crate::core::{Event, ExitStatus};
+use crate::core::{Event, ExitStatus, Hook};
+
+/// What a check process answers.
+enum Purpose {
+    Ready,
+    /// `also`: a failure found before the probe ran (memory).
+    Health {
+        also: Option<String>,
+    },
+    /// A `[deploy]` hook; its output goes to `output` (a memfd).
+    Hook {
+        hook: Hook,
+        output: std::fs::File,
+    },
+}
 
 /// A check process that runs.
 struct Running {
     generation: u64,
-    health: bool,
+    purpose: Purpose,
     /// The command, for the failure's detail.
     what: String,
     deadline: Instant,
     bound: Duration,
     timed_out: bool,
-    /// Health: a failure found before the probe ran (memory).
-    also: Option<String>,
 }
+
+/// Lines of a hook's output kept for its outcome.
+const HOOK_LINES: usize = 20;
+/// At most this much of the end of a hook's output is read.
+const HOOK_TAIL: u64 = 16 * 1024;
 
 /// The checks in flight that baton must answer for.
 pub(crate) struct Checks {
@@ -43,8 +60,8 @@ pub(crate) struct Checks {
 /// What a check needs to know of the generation it checks.
 pub(crate) struct Subject<'a> {
     pub generation: u64,
-    /// Its main process.
-    pub pid: Pid,
+    /// Its main process (none yet for a before hook).
+    pub pid: Option<Pid>,
     pub config: &'a Config,
     /// baton's environment for children, less what systemd set for baton.
     pub env: &'a [(OsString, OsString)],
@@ -70,7 +87,7 @@ impl Checks {
         let generation = subject.generation;
         match &subject.config.readiness.check {
             ReadinessCheck::Exec { command, interval } => {
-                match self.spawn(subject, command, *interval, false, None) {
+                match self.spawn(subject, command, *interval, Purpose::Ready) {
                     Ok(()) => None,
                     // Not ready; the next try comes after the interval.
                     Err(e) => {
@@ -119,10 +136,12 @@ impl Checks {
         let timeout = health.timeout;
         match &health.probe {
             None => Some(answer(Ok(()))),
-            Some(Probe::Exec(command)) => match self.spawn(subject, command, timeout, true, also) {
-                Ok(()) => None,
-                Err(e) => Some(answer(Err(e))),
-            },
+            Some(Probe::Exec(command)) => {
+                match self.spawn(subject, command, timeout, Purpose::Health { also }) {
+                    Ok(()) => None,
+                    Err(e) => Some(answer(Err(e))),
+                }
+            }
             Some(probe) => {
                 let (probe, results) = (probe.clone(), self.results.clone());
                 tokio::spawn(async move {
@@ -136,14 +155,55 @@ impl Checks {
         }
     }
 
+    /// Runs `subject`'s `[deploy]` `hook`, bounded by `before_timeout`; its
+    /// output (stdout and stderr) is kept for the answer. Returns the
+    /// answer when it is known now (the hook could not start).
+    pub(crate) fn hook(&mut self, subject: &Subject, hook: Hook) -> Option<Event> {
+        let hooks = &subject.config.hooks;
+        let command = match hook {
+            Hook::Before => hooks.before.as_ref(),
+            Hook::After => hooks.after.as_ref(),
+        };
+        let generation = subject.generation;
+        let failed = |output: String| Event::HookDone {
+            generation,
+            hook,
+            ok: false,
+            output,
+        };
+        let Some(command) = command else {
+            return Some(failed("no such hook in the config".into()));
+        };
+        let output =
+            nix::sys::memfd::memfd_create(c"baton-hook", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .map(std::fs::File::from)
+                .map_err(|e| format!("cannot make a file for the hook's output: {e}"));
+        let spawned = output.and_then(|output| {
+            let purpose = Purpose::Hook { hook, output };
+            self.spawn(subject, command, hooks.before_timeout, purpose)
+        });
+        spawned.err().map(failed)
+    }
+
+    /// Kills the hook running for `generation`, if one is; its answer, when
+    /// reaped, no longer matters.
+    pub(crate) fn cancel(&mut self, generation: u64) {
+        let hooks = self.running.iter_mut().filter(|(_, r)| {
+            r.generation == generation && matches!(r.purpose, Purpose::Hook { .. })
+        });
+        for (pid, run) in hooks {
+            run.timed_out = true;
+            let _ = killpg(*pid, Signal::SIGKILL);
+        }
+    }
+
     /// Starts `command` for `subject`, bounded by `bound`.
     fn spawn(
         &mut self,
         subject: &Subject,
         command: &[String],
         bound: Duration,
-        health: bool,
-        also: Option<String>,
+        purpose: Purpose,
     ) -> Result<(), String> {
         let app = &subject.config.app;
         let mut child = Command::new(&command[0]);
@@ -153,11 +213,24 @@ impl Checks {
             .envs(subject.env.iter().map(|(k, v)| (k, v)))
             .envs(&app.env)
             .env("BATON_GENERATION", subject.generation.to_string())
-            .env("BATON_PID", subject.pid.to_string())
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .process_group(0);
+        match &purpose {
+            Purpose::Hook { output, .. } => {
+                let copy = |f: &std::fs::File| {
+                    f.try_clone()
+                        .map(Stdio::from)
+                        .map_err(|e| format!("cannot pass the hook its output file: {e}"))
+                };
+                child.stdout(copy(output)?).stderr(copy(output)?);
+            }
+            _ => {
+                child.stdout(Stdio::null()).stderr(Stdio::null());
+            }
+        }
+        if let Some(pid) = subject.pid {
+            child.env("BATON_PID", pid.to_string());
+        }
         if let Some(dir) = &app.workdir {
             child.current_dir(dir);
         }
@@ -180,12 +253,11 @@ impl Checks {
             pid,
             Running {
                 generation: subject.generation,
-                health,
+                purpose,
                 what,
                 deadline: Instant::now() + bound,
                 bound,
                 timed_out: false,
-                also,
             },
         );
         Ok(())
@@ -206,13 +278,13 @@ impl Checks {
         } else {
             Err(format!("`{}` {status}", run.what))
         };
-        Some(match run.health {
-            false => Event::ReadyCheck {
+        Some(match run.purpose {
+            Purpose::Ready => Event::ReadyCheck {
                 generation: run.generation,
                 ok: result.is_ok(),
             },
-            true => {
-                let result = match run.also {
+            Purpose::Health { also } => {
+                let result = match also {
                     Some(also) => Err(also),
                     None => result,
                 };
@@ -220,6 +292,20 @@ impl Checks {
                     generation: run.generation,
                     ok: result.is_ok(),
                     detail: result.err().unwrap_or_default(),
+                }
+            }
+            Purpose::Hook { hook, mut output } => {
+                let lines = tail(&mut output);
+                let text = match (&result, lines.is_empty()) {
+                    (Ok(()), _) => lines,
+                    (Err(why), true) => format!("{why} (it wrote nothing)"),
+                    (Err(why), false) => format!("{why}; its last lines:\n{lines}"),
+                };
+                Event::HookDone {
+                    generation: run.generation,
+                    hook,
+                    ok: result.is_ok(),
+                    output: text,
                 }
             }
         })
@@ -244,6 +330,23 @@ impl Checks {
             }
         }
     }
+}
+
+/// The last [`HOOK_LINES`] lines of what a hook wrote to `output`.
+fn tail(output: &mut std::fs::File) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = output.seek(SeekFrom::End(0)).unwrap_or(0);
+    let mut bytes = Vec::new();
+    let read = output
+        .seek(SeekFrom::Start(len.saturating_sub(HOOK_TAIL)))
+        .and_then(|_| output.read_to_end(&mut bytes));
+    if read.is_err() {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<&str> = text.lines().collect();
+    let from = lines.len().saturating_sub(HOOK_LINES);
+    crate::notice::printable(&lines[from..].join("\n")).into_owned()
 }
 
 /// An HTTP or TCP probe, unbounded (the caller bounds it).

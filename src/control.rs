@@ -83,12 +83,15 @@ pub enum Request {
         #[serde(default)]
         wait: bool,
     },
-    /// Deploy the release that served before the current one (or `to`).
+    /// Deploy the release that served before the current one (or `to`);
+    /// `[deploy] before` runs only `with_hooks`.
     Rollback {
         #[serde(default)]
         to: Option<String>,
         #[serde(default)]
         wait: bool,
+        #[serde(default)]
+        with_hooks: bool,
     },
     /// The deploy history.
     History,

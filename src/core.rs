@@ -43,8 +43,19 @@ pub(crate) enum Release {
     /// `deploy VERSION`.
     Version(String),
     /// `rollback`: the last release that served before the current one,
-    /// or the one named.
-    Rollback { to: Option<String> },
+    /// or the one named; `[deploy] before` runs only `with_hooks`.
+    Rollback {
+        to: Option<String>,
+        with_hooks: bool,
+    },
+}
+
+/// `[deploy] before` (runs before a deploy's candidate starts) or `after`
+/// (once it has passed, probation included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hook {
+    Before,
+    After,
 }
 
 /// What baton remembers of releases: the one serving, and those that
@@ -108,6 +119,14 @@ pub(crate) enum Event {
         cgroup: Option<u64>,
         message: Message,
     },
+    /// The answer to an `Action::RunHook`: whether the hook exited 0, and
+    /// the last lines it wrote (or why it failed).
+    HookDone {
+        generation: u64,
+        hook: Hook,
+        ok: bool,
+        output: String,
+    },
     /// The answer to an `Action::CheckReady`: whether the candidate is
     /// ready by its `[readiness]` check ("exec", "accepting").
     ReadyCheck { generation: u64, ok: bool },
@@ -154,6 +173,17 @@ pub(crate) enum Action {
         pid: Pid,
         config: Arc<Config>,
     },
+    /// Run `config`'s `[deploy]` `hook` for `generation` once; the answer
+    /// is an `Event::HookDone`, always (bounded by `before_timeout`).
+    RunHook {
+        generation: u64,
+        hook: Hook,
+        config: Arc<Config>,
+    },
+    /// Stop the hook running for `generation`, if one is (baton stops).
+    CancelHook {
+        generation: u64,
+    },
     /// Probe `generation`'s health once, by `config`'s `[health]`; the
     /// answer is an `Event::Probed`, always (bounded by its timeout).
     Probe {
@@ -184,6 +214,8 @@ struct Start {
     kind: Cause,
     version: Option<String>,
     rollback: bool,
+    /// Run `[deploy] before` first (deploys; rollbacks only when asked).
+    hooks: bool,
 }
 
 /// What the history needs of a candidate whose deploy ended.
@@ -309,6 +341,11 @@ const KILL_GRACE: Duration = Duration::from_secs(5);
 /// `Event::Exited`, which the shell delivers as soon as it reaps the pid.
 #[derive(Debug, Clone, Copy)]
 enum State {
+    /// Candidate whose `[deploy] before` hook runs; it starts when the
+    /// hook has passed, `deadline` bounds the wait.
+    Preparing {
+        deadline: Instant,
+    },
     /// Candidate. `ready_at` is set for `check = "delay"`; `check` runs
     /// the "exec" and "accepting" checks.
     Starting {
@@ -340,6 +377,8 @@ struct Candidate {
     kind: Cause,
     /// A deploy asked for by `rollback`.
     rollback: bool,
+    /// When it had to wait for its before hook: the readiness timeout
+    /// counts from its spawn.
     waiters: Vec<WaiterId>,
 }
 
@@ -350,6 +389,7 @@ struct Pending {
     config: Arc<Config>,
     version: Option<String>,
     rollback: bool,
+    hooks: bool,
     waiters: Vec<WaiterId>,
 }
 
@@ -443,6 +483,7 @@ impl Supervisor {
             kind: Cause::Initial,
             version,
             rollback: false,
+            hooks: false,
         };
         s.start_candidate(config, start, Vec::new(), now, &mut actions);
         (s, actions)
@@ -475,6 +516,12 @@ impl Supervisor {
                 cgroup,
                 message,
             } => self.notify(pid, group, cgroup, message, now, &mut actions),
+            Event::HookDone {
+                generation,
+                hook,
+                ok,
+                output,
+            } => self.hook_done(generation, hook, ok, output, now, &mut actions),
             Event::ReadyCheck { generation, ok } => {
                 self.ready_checked(generation, ok, now, &mut actions)
             }
@@ -506,6 +553,7 @@ impl Supervisor {
                         .flatten()
                         .min()
                 }
+                State::Preparing { deadline } => Some(deadline),
                 State::Probation { until, .. } => {
                     g.health.due().map_or(Some(until), |d| Some(d.min(until)))
                 }
@@ -566,6 +614,13 @@ impl Supervisor {
             return;
         }
         let rollback = matches!(release, Release::Rollback { .. });
+        let hooks = !matches!(
+            release,
+            Release::Rollback {
+                with_hooks: false,
+                ..
+            }
+        );
         let config = config
             .and_then(|c| self.admit(c, actions))
             .and_then(|c| Ok((self.release(&c, release)?, c)));
@@ -587,11 +642,13 @@ impl Supervisor {
                 config: config.clone(),
                 version: version.clone(),
                 rollback,
+                hooks,
                 waiters: Vec::new(),
             });
             pending.config = config;
             pending.version = version;
             pending.rollback = rollback;
+            pending.hooks = hooks;
             if let Some(waiter) = waiter {
                 pending.waiters.push(waiter);
                 actions.push(progress(waiter, Progress::Queued));
@@ -605,6 +662,7 @@ impl Supervisor {
             kind: Cause::Deploy,
             version,
             rollback,
+            hooks,
         };
         self.start_candidate(config, start, waiters, now, actions);
     }
@@ -618,8 +676,8 @@ impl Supervisor {
                 .clone()
                 .or_else(|| config.app.version.clone()),
             Release::Version(v) => Some(v),
-            Release::Rollback { to: Some(v) } => Some(v),
-            Release::Rollback { to: None } => {
+            Release::Rollback { to: Some(v), .. } => Some(v),
+            Release::Rollback { to: None, .. } => {
                 let current = self.releases.current.as_ref();
                 let before = self
                     .releases
@@ -696,29 +754,23 @@ impl Supervisor {
             kind,
             version,
             rollback,
+            hooks,
         } = start;
         let config = Arc::new(config.render(version.as_deref()));
         let id = self.next_id;
         self.next_id += 1;
-        let readiness = &config.readiness;
-        let ready_at = match readiness.check {
-            ReadinessCheck::Delay(d) => Some(deadline(now, d)),
-            _ => None,
-        };
-        // Checked as soon as the process exists (`Event::Spawned`).
-        let check = match readiness.check {
-            ReadinessCheck::Accepting | ReadinessCheck::Exec { .. } => Watch {
-                next: Some(now),
-                ..Watch::default()
-            },
-            _ => Watch::default(),
-        };
-        let timeout = readiness.timeout;
-        // A deploy may run on past readiness by its probation.
+        // A deploy may run on past readiness by its probation, and before
+        // it by its hook.
         let probation = match kind {
             Cause::Deploy | Cause::Replace => config.health.probation,
             _ => Duration::ZERO,
         };
+        let before = config
+            .hooks
+            .before
+            .as_ref()
+            .filter(|_| hooks && kind == Cause::Deploy);
+        let hook_time = before.map_or(Duration::ZERO, |_| config.hooks.before_timeout);
         actions.push(Action::Notice(Notice::Starting {
             generation: id,
             cause: kind,
@@ -729,15 +781,35 @@ impl Supervisor {
         if kind == Cause::Deploy && self.announced {
             actions.push(Action::Upstream(Upstream::Reloading));
             actions.push(Action::Upstream(Upstream::ExtendTimeout(
-                timeout
+                config
+                    .readiness
+                    .timeout
                     .saturating_add(probation)
+                    .saturating_add(hook_time)
                     .saturating_add(EXTEND_SLACK),
             )));
         }
-        actions.push(Action::Spawn {
-            generation: id,
-            config: config.clone(),
-        });
+        let state = match before {
+            Some(_) => {
+                actions.push(Action::RunHook {
+                    generation: id,
+                    hook: Hook::Before,
+                    config: config.clone(),
+                });
+                // The shell bounds the hook by before_timeout; this bounds
+                // the wait for its answer.
+                State::Preparing {
+                    deadline: deadline(now, hook_time.saturating_add(EXTEND_SLACK)),
+                }
+            }
+            None => {
+                actions.push(Action::Spawn {
+                    generation: id,
+                    config: config.clone(),
+                });
+                starting(&config, now)
+            }
+        };
         self.candidate = Some(Candidate {
             generation: Generation {
                 id,
@@ -745,11 +817,7 @@ impl Supervisor {
                 version,
                 pid: None,
                 started: now,
-                state: State::Starting {
-                    deadline: deadline(now, timeout),
-                    ready_at,
-                    check,
-                },
+                state,
                 status: None,
                 health: Watch::default(),
                 contained: false,
@@ -759,6 +827,48 @@ impl Supervisor {
             rollback,
             waiters,
         });
+    }
+
+    /// The answer to an `Action::RunHook`.
+    fn hook_done(
+        &mut self,
+        id: u64,
+        hook: Hook,
+        ok: bool,
+        output: String,
+        now: Instant,
+        actions: &mut Vec<Action>,
+    ) {
+        match hook {
+            Hook::Before => {
+                let Some(c) = self.candidate.as_mut().filter(|c| c.generation.id == id) else {
+                    return;
+                };
+                if !matches!(c.generation.state, State::Preparing { .. }) {
+                    return;
+                }
+                if !ok {
+                    let reason = Failure::HookFailed {
+                        hook: "before".into(),
+                        detail: output,
+                    };
+                    return self.fail_candidate(reason, now, actions);
+                }
+                // Its readiness is timed from now, when it starts.
+                let g = &mut c.generation;
+                g.started = now;
+                g.state = starting(&g.config, now);
+                actions.push(Action::Spawn {
+                    generation: id,
+                    config: g.config.clone(),
+                });
+            }
+            Hook::After if !ok => actions.push(Action::Notice(Notice::AfterHookFailed {
+                generation: id,
+                detail: output,
+            })),
+            Hook::After => {}
+        }
     }
 
     fn spawned(&mut self, id: u64, pid: Pid, contained: bool, actions: &mut Vec<Action>) {
@@ -939,6 +1049,7 @@ impl Supervisor {
             kind: Cause::Replace,
             version: self.releases.current.clone(),
             rollback: false,
+            hooks: false,
         };
         self.start_candidate(config, start, Vec::new(), now, actions);
     }
@@ -1053,6 +1164,13 @@ impl Supervisor {
         if generation.config.health.checks() && generation.health.next.is_none() {
             generation.health.next = Some(now);
         }
+        if kind == Cause::Deploy && generation.config.hooks.after.is_some() {
+            actions.push(Action::RunHook {
+                generation: id,
+                hook: Hook::After,
+                config: generation.config.clone(),
+            });
+        }
         self.serving_config = generation.config.clone();
         let old = self.current.replace(generation);
         if kind == Cause::Deploy {
@@ -1152,6 +1270,7 @@ impl Supervisor {
             config,
             version,
             rollback,
+            hooks,
             waiters,
         }) = self.pending.take()
         {
@@ -1160,6 +1279,7 @@ impl Supervisor {
                 kind: Cause::Deploy,
                 version,
                 rollback,
+                hooks,
             };
             self.start_candidate(config, start, waiters, now, actions);
         }
@@ -1365,6 +1485,13 @@ impl Supervisor {
         if let Some(c) = self.candidate.as_mut() {
             let g = &mut c.generation;
             match &mut g.state {
+                State::Preparing { deadline } if *deadline <= now => {
+                    let reason = Failure::HookFailed {
+                        hook: "before".into(),
+                        detail: "no answer from the hook in time".into(),
+                    };
+                    self.fail_candidate(reason, now, actions);
+                }
                 State::Starting {
                     deadline,
                     ready_at,
@@ -1444,6 +1571,7 @@ impl Supervisor {
                 kind: Cause::Restart,
                 version: self.releases.current.clone(),
                 rollback: false,
+                hooks: false,
             };
             self.start_candidate(config, start, Vec::new(), now, actions);
         }
@@ -1462,7 +1590,13 @@ impl Supervisor {
         let mut waiters: Vec<WaiterId> = self.pending.take().map(|p| p.waiters).unwrap_or_default();
         if let Some(c) = self.candidate.take() {
             waiters.extend(c.waiters);
-            self.drain(c.generation, now, actions);
+            match c.generation.pid {
+                Some(_) => self.drain(c.generation, now, actions),
+                // Its before hook runs: nothing was started.
+                None => actions.push(Action::CancelHook {
+                    generation: c.generation.id,
+                }),
+            }
         }
         if let Some(current) = self.current.take() {
             self.drain(current, now, actions);
@@ -1504,6 +1638,7 @@ impl Supervisor {
             .generations()
             .map(|g| {
                 let (state, latency) = match g.state {
+                    State::Preparing { .. } => ("preparing", None),
                     State::Starting { .. } => ("starting", None),
                     State::Probation { latency, .. } => ("probation", Some(latency)),
                     State::Ready { latency, .. } => ("ready", Some(latency)),
@@ -1548,6 +1683,29 @@ fn deadline(now: Instant, wait: Duration) -> Instant {
     now.checked_add(wait)
         .or_else(|| now.checked_add(crate::config::MAX_DURATION))
         .unwrap_or(now)
+}
+
+/// A candidate's state once its process is started at `now`: its
+/// readiness deadline, its delay, its checks.
+fn starting(config: &Config, now: Instant) -> State {
+    let readiness = &config.readiness;
+    let ready_at = match readiness.check {
+        ReadinessCheck::Delay(d) => Some(deadline(now, d)),
+        _ => None,
+    };
+    // Checked as soon as the process exists (`Event::Spawned`).
+    let check = match readiness.check {
+        ReadinessCheck::Accepting | ReadinessCheck::Exec { .. } => Watch {
+            next: Some(now),
+            ..Watch::default()
+        },
+        _ => Watch::default(),
+    };
+    State::Starting {
+        deadline: deadline(now, readiness.timeout),
+        ready_at,
+        check,
+    }
 }
 
 /// Starts a health probe of `g` if one is due and none is in flight.
@@ -2869,7 +3027,14 @@ backoff_max = "1s"
             generation: 3,
             error: "exec failed: ENOENT".into(),
         });
-        let actions = release(&mut h, Release::Rollback { to: None }, 3);
+        let actions = release(
+            &mut h,
+            Release::Rollback {
+                to: None,
+                with_hooks: false,
+            },
+            3,
+        );
         assert_eq!(
             spawned_command(&actions),
             ["/opt/app/releases/1/bin/server"]
@@ -2899,7 +3064,14 @@ backoff_max = "1s"
             ]
         );
         // Rolling back again goes to 2, the one before 1's return.
-        let actions = release(&mut h, Release::Rollback { to: None }, 4);
+        let actions = release(
+            &mut h,
+            Release::Rollback {
+                to: None,
+                with_hooks: false,
+            },
+            4,
+        );
         assert_eq!(
             spawned_command(&actions),
             ["/opt/app/releases/2/bin/server"]
@@ -2938,7 +3110,14 @@ backoff_max = "1s"
             records: Vec::new(),
         };
         up(&mut h, 1);
-        let actions = release(&mut h, Release::Rollback { to: None }, 1);
+        let actions = release(
+            &mut h,
+            Release::Rollback {
+                to: None,
+                with_hooks: false,
+            },
+            1,
+        );
         let refused = actions.iter().find_map(|a| match a {
             Action::Progress {
                 progress: Progress::Refused(why),
@@ -2972,6 +3151,89 @@ backoff_max = "1s"
         )));
     }
 
+    /// Issue 9: `[deploy] before` runs first; the candidate starts only if
+    /// it passes, and its failure (with its output) fails the deploy with
+    /// nothing started. A rollback skips it unless asked; `after` runs once
+    /// the new generation has taken over.
+    #[test]
+    fn before_and_after_hooks() {
+        let text =
+            format!("{BASE}\n[deploy]\nbefore = [\"/bin/migrate\"]\nafter = [\"/bin/announce\"]\n");
+        let (mut h, _) = Harness::with(&text);
+        up(&mut h, 1);
+        let hooks = |actions: &[Action]| -> Vec<(u64, Hook)> {
+            actions
+                .iter()
+                .filter_map(|a| match a {
+                    Action::RunHook {
+                        generation, hook, ..
+                    } => Some((*generation, *hook)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let actions = h.reload(Some(1));
+        assert_eq!(hooks(&actions), [(2, Hook::Before)]);
+        assert!(
+            spawns(&actions).is_empty(),
+            "nothing starts before the hook"
+        );
+        assert_eq!(h.states()[1], (2, "preparing"));
+        let actions = h.at(ms(300)).on(Event::HookDone {
+            generation: 2,
+            hook: Hook::Before,
+            ok: true,
+            output: String::new(),
+        });
+        assert_eq!(spawns(&actions), [2]);
+        h.on(Event::Spawned {
+            generation: 2,
+            pid: pid(200),
+            contained: false,
+        });
+        let actions = h.at(ms(500)).on(ready(200));
+        assert_eq!(hooks(&actions), [(2, Hook::After)]);
+        let ready = h.take_notices().into_iter().find_map(|n| match n {
+            Notice::Ready {
+                generation: 2,
+                after,
+            } => Some(after),
+            _ => None,
+        });
+        assert_eq!(ready, Some(ms(200)), "timed from its start, after the hook");
+        // A failing before hook: nothing started, its output is the reason.
+        let actions = h.reload(Some(2));
+        let actions = [
+            actions,
+            h.on(Event::HookDone {
+                generation: 3,
+                hook: Hook::Before,
+                ok: false,
+                output: "`/bin/migrate` exited with code 1; its last lines:\nno such table".into(),
+            }),
+        ]
+        .concat();
+        assert!(spawns(&actions).is_empty());
+        assert_eq!(
+            done(&actions, 2).unwrap().to_string(),
+            "generation 3 failed: [deploy] before failed, nothing was started: `/bin/migrate` \
+             exited with code 1; its last lines:\nno such table"
+        );
+        assert_eq!(h.states(), [(2, "ready"), (1, "draining")]);
+        // A rollback does not run it, unless asked.
+        let config = Ok(h.config.clone());
+        let actions = h.on(Event::Reload {
+            config,
+            waiter: None,
+            release: Release::Rollback {
+                to: Some("x".into()),
+                with_hooks: false,
+            },
+        });
+        assert!(hooks(&actions).is_empty());
+        assert_eq!(spawns(&actions), [4]);
+    }
+
     /// Issue 8: deadlines past what `Instant` holds aborted the daemon.
     /// The config bounds durations; the core must not panic regardless.
     #[test]
@@ -2998,6 +3260,14 @@ backoff_max = "1s"
                 config: Ok(huge),
                 waiter: None,
                 release: Release::Current,
+            },
+            t0,
+        );
+        s.handle(
+            Event::Spawned {
+                generation: 2,
+                pid: pid(200),
+                contained: false,
             },
             t0,
         );

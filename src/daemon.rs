@@ -774,14 +774,19 @@ impl Shell {
                     let _ = reply.send(Reply::Error { message });
                 }
             },
-            Request::Rollback { to, wait } => {
-                match to.as_deref().map(crate::config::valid_version).transpose() {
-                    Ok(_) => self.reload(Some((reply, wait)), Release::Rollback { to }),
-                    Err(message) => {
-                        let _ = reply.send(Reply::Error { message });
-                    }
+            Request::Rollback {
+                to,
+                wait,
+                with_hooks,
+            } => match to.as_deref().map(crate::config::valid_version).transpose() {
+                Ok(_) => {
+                    let release = Release::Rollback { to, with_hooks };
+                    self.reload(Some((reply, wait)), release)
                 }
-            }
+                Err(message) => {
+                    let _ = reply.send(Reply::Error { message });
+                }
+            },
             Request::History => {
                 let _ = reply.send(Reply::History(self.history.clone()));
             }
@@ -911,7 +916,7 @@ impl Shell {
                     let wanted = self.listeners.wanted();
                     let subject = Subject {
                         generation,
-                        pid,
+                        pid: Some(pid),
                         config: &config,
                         env: &self.base_env,
                     };
@@ -920,6 +925,22 @@ impl Shell {
                         queue.extend(self.supervisor().handle(answer, Instant::now()));
                     }
                 }
+                Action::RunHook {
+                    generation,
+                    hook,
+                    config,
+                } => {
+                    let subject = Subject {
+                        generation,
+                        pid: None,
+                        config: &config,
+                        env: &self.base_env,
+                    };
+                    if let Some(answer) = self.checks.hook(&subject, hook) {
+                        queue.extend(self.supervisor().handle(answer, Instant::now()));
+                    }
+                }
+                Action::CancelHook { generation } => self.checks.cancel(generation),
                 Action::Probe {
                     generation,
                     pid,
@@ -939,7 +960,7 @@ impl Shell {
                             });
                     let subject = Subject {
                         generation,
-                        pid,
+                        pid: Some(pid),
                         config: &config,
                         env: &self.base_env,
                     };

@@ -43,7 +43,7 @@ pub struct Entry {
     pub started: String,
     pub took_ms: u64,
     /// "served", "cancelled in probation", "not ready", "exec failed",
-    /// "exited", "cancelled".
+    /// "exited", "hook failed", "cancelled".
     pub outcome: String,
     /// Why it failed, in baton's words.
     pub reason: Option<String>,
@@ -88,6 +88,7 @@ impl History {
                     Failure::NotReady(_) => "not ready",
                     Failure::SpawnFailed(_) => "exec failed",
                     Failure::Exited(_) => "exited",
+                    Failure::HookFailed { .. } => "hook failed",
                 };
                 (outcome, Some(reason.to_string()))
             }

@@ -92,6 +92,10 @@ enum Command {
         /// Roll back to this release instead.
         #[arg(long, value_name = "VERSION")]
         to: Option<String>,
+        /// Run `[deploy] before` too (a rollback skips it: the release it
+        /// goes back to has run its migrations already).
+        #[arg(long)]
+        with_hooks: bool,
         /// Print progress and exit 0 only when the release serves again.
         #[arg(long)]
         wait: bool,
@@ -191,9 +195,17 @@ fn main() -> ExitCode {
         Command::Rollback {
             config,
             to,
+            with_hooks,
             wait,
             timeout,
-        } => reload(config, &Request::Rollback { to, wait }, timeout),
+        } => {
+            let request = Request::Rollback {
+                to,
+                wait,
+                with_hooks,
+            };
+            reload(config, &request, timeout)
+        }
         Command::History { config, json } => history(config, json),
         Command::Status { config, json } => status(config, json),
         Command::Check { config } => check(config),

@@ -89,6 +89,12 @@ pub enum Failure {
         failures: u32,
         detail: String,
     },
+    /// A `[deploy]` hook (`before`) failed; nothing was started. `detail`
+    /// ends with the last lines it wrote.
+    HookFailed {
+        hook: String,
+        detail: String,
+    },
 }
 
 impl fmt::Display for Failure {
@@ -102,6 +108,9 @@ impl fmt::Display for Failure {
                 f,
                 "health check failed {failures} times during probation: {detail}"
             ),
+            Failure::HookFailed { hook, detail } => {
+                write!(f, "[deploy] {hook} failed, nothing was started: {detail}")
+            }
         }
     }
 }
@@ -311,6 +320,12 @@ pub enum Notice {
         generation: u64,
         pid: i32,
     },
+    /// `[deploy] after` failed for `generation` (which serves: a failed
+    /// after hook is no rollback).
+    AfterHookFailed {
+        generation: u64,
+        detail: String,
+    },
     /// The deploy history in `[state] dir` could not be used (unreadable,
     /// corrupt): baton started without it.
     HistoryUnusable {
@@ -387,6 +402,7 @@ impl Notice {
             | HealthFailed { .. }
             | Replacing { .. }
             | HistoryUnusable { .. }
+            | AfterHookFailed { .. }
             | HistoryNotSaved { .. } => Level::Warn,
             GivenUp { .. } | NotifySocketRestored { error: Some(_), .. } => Level::Error,
             EscapeeKilled { .. } | NotifySocketRestored { .. } => Level::Warn,
@@ -419,6 +435,7 @@ impl Notice {
             | Probation { generation, .. }
             | HealthFailed { generation, .. }
             | Replacing { generation, .. }
+            | AfterHookFailed { generation, .. }
             | CandidateFailed { generation, .. }
             | Draining { generation, .. }
             | Exited { generation, .. }
@@ -686,6 +703,10 @@ impl fmt::Display for Notice {
             Stopping { fast: false } => f.write_str("graceful stop: draining every generation"),
             AllExited => f.write_str("every generation has exited"),
             HistoryUnusable { problem } => write!(f, "deploy history: {problem}"),
+            AfterHookFailed { generation, detail } => write!(
+                f,
+                "[deploy] after failed for generation {generation}, which serves on: {detail}"
+            ),
             HistoryNotSaved { path, error } => write!(
                 f,
                 "cannot save the deploy history in {path}: {error} (baton goes on; a restart \

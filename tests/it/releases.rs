@@ -188,3 +188,55 @@ fn bad_releases_and_state_are_refused_or_reported() {
     assert_eq!(history["deploys"].as_array().unwrap().len(), 2);
     assert_eq!(history["current"], "1");
 }
+
+/// Issue 9, done-when 8: a `[deploy] before` hook that fails cancels the
+/// deploy with its output, no candidate started; one that succeeds runs
+/// exactly once per deploy, with the release's variables; `after` runs
+/// once the new generation serves.
+#[test]
+fn before_hook_gates_the_deploy_after_hook_follows() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = releases(dir.path(), &["1", "2", "3"]);
+    let state = dir.path().join("state");
+    let log = dir.path().join("hooks.log");
+    // release 3's migration fails, loudly.
+    let hook = format!(
+        "echo before $BATON_VERSION $BATON_GENERATION >> {log}; \
+         if [ \"$BATON_VERSION\" = 3 ]; then echo 'ERROR: relation \"users\" does not exist'; \
+         exit 4; fi",
+        log = log.display()
+    );
+    let after = format!("echo after $BATON_VERSION >> {}", log.display());
+    let mut setup = released(&root, &state, Some("1"));
+    setup.extra += &format!(
+        "\n[deploy]\nbefore = [\"sh\", \"-c\", {hook:?}]\nafter = [\"sh\", \"-c\", {after:?}]\n"
+    );
+    let mut baton = start(&setup);
+    let out = baton.cli(&["deploy", "2", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    baton.wait_drained(1).unwrap();
+    let out = baton.cli(&["deploy", "3", "--wait"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("[deploy] before failed, nothing was started:")
+            && stderr.contains("exited with code 4; its last lines:")
+            && stderr.contains("ERROR: relation \"users\" does not exist"),
+        "{stderr}"
+    );
+    // Generation 3 never got a process.
+    let started = baton.started_generations();
+    assert!(!started.contains_key(&3), "{started:?}");
+    assert_eq!(get_generation(baton.port()), 2);
+    // The after hook of deploy 2 has run once it served: wait for its line.
+    let lines = |log: &Path| std::fs::read_to_string(log).unwrap_or_default();
+    assert!(baton_testkit::eventually(WAIT, || lines(&log).contains("after 2")));
+    assert_eq!(lines(&log), "before 2 2\nafter 2\nbefore 3 3\n");
+    let history = baton.cli(&["history"]);
+    let history = String::from_utf8_lossy(&history.stdout);
+    assert!(history.contains("hook failed"), "{history}");
+}
