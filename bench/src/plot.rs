@@ -70,6 +70,24 @@ pub fn write(path: &Path, measured: &Measurements) -> Result<(), String> {
             ],
         },
     ];
+    let lying: Vec<Panel> = measured
+        .lying
+        .iter()
+        .map(|run| Panel {
+            title: if run.probation.is_zero() {
+                "F: a release that says READY=1 and dies 1 s later, without probation"
+            } else {
+                "F: the same release with probation: the old generation serves on"
+            },
+            trace: &run.trace,
+            markers: [
+                "deploy requested",
+                "new generation ready",
+                "old generation exited",
+            ],
+        })
+        .collect();
+    let panels: Vec<Panel> = panels.into_iter().chain(lying).collect();
     let height = PANEL_HEIGHT * panels.len() as u32;
     let root = SVGBackend::new(path, (WIDTH, height)).into_drawing_area();
     root.fill(&WHITE).map_err(text)?;

@@ -49,6 +49,7 @@ impl Report<'_> {
         self.restarts_and_deploys(&mut out);
         self.cross_check(&mut out);
         self.broken(&mut out);
+        self.lying(&mut out);
         throughput(&mut out, &self.measured.throughput);
         self.scale(&mut out);
         supervisor(&mut out, self.measured, &self.measured.throughput);
@@ -126,6 +127,16 @@ impl Report<'_> {
              {kept} of them; {} requests failed during C.",
             broken.tally.failed()
         );
+        for run in &m.lying {
+            put!(
+                out,
+                "- F: a release that lies (READY=1, then dies), probation {}: {} failed \
+                 requests; the deploy {}.",
+                secs(run.probation),
+                run.trace.tally.failed(),
+                if run.ok { "was taken" } else { "was cancelled" }
+            );
+        }
         let d = &m.throughput;
         put!(
             out,
@@ -401,6 +412,46 @@ impl Report<'_> {
         errors(out, "C", &c.tally);
     }
 
+    fn lying(&self, out: &mut String) {
+        put!(out, "## F: a lying release (READY=1, then it dies)\n");
+        put!(
+            out,
+            "The release sends READY=1 and exits {} ms later without serving, as gunicorn's \
+             arbiter does when its workers cannot import the app. It is deployed under the \
+             closed-loop load; {} s later a good release is deployed again. Without probation \
+             baton believes the READY=1, drains the old generation, and the lying release \
+             crash-restarts until the good deploy; with probation the old generation serves \
+             beside it until it dies, and the deploy is cancelled.\n",
+            crate::scenarios::LIE_FOR.as_millis(),
+            crate::scenarios::LIE_WATCH.as_secs()
+        );
+        put!(out, "| probation | the lying deploy's outcome (baton's words) | answered | **failed** | longest silence |");
+        put!(out, "| --- | --- | ---: | ---: | --- |");
+        for run in &self.measured.lying {
+            put!(
+                out,
+                "| {} | {} | {} | **{}** | {} |",
+                if run.probation.is_zero() {
+                    "none".to_owned()
+                } else {
+                    secs(run.probation)
+                },
+                run.outcome,
+                run.trace.tally.ok(),
+                run.trace.tally.failed(),
+                silence(&run.trace, "deploy")
+            );
+        }
+        put!(out);
+        for run in &self.measured.lying {
+            errors(
+                out,
+                &format!("F (probation {})", secs(run.probation)),
+                &run.trace.tally,
+            );
+        }
+    }
+
     fn scale(&self, out: &mut String) {
         put!(out, "## E: scale with the number of listeners\n");
         put!(
@@ -662,6 +713,14 @@ impl Report<'_> {
                     p.deployed
                 ));
             }
+        }
+        for run in &m.lying {
+            lines.push(format!(
+                "F lying release, probation {}: {} failed requests ({})",
+                secs(run.probation),
+                run.trace.tally.failed(),
+                run.outcome
+            ));
         }
         let d = &m.throughput;
         lines.push(format!(

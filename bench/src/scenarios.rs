@@ -296,6 +296,8 @@ pub struct Measurements {
     /// The wrk cross-check under baton, or why it did not run.
     pub wrk: Result<Vec<WrkPass>, String>,
     pub broken: Broken,
+    /// F: a lying release, without and with probation.
+    pub lying: Vec<LyingRun>,
     pub throughput: Throughput,
     pub scale: Vec<Scale>,
 }
@@ -369,6 +371,11 @@ pub fn run_all(env: &Env) -> Result<Measurements> {
     );
     let broken = broken(env)?;
     println!("   {}", summary(&broken.tally));
+    println!("F: a lying release (READY=1, then it dies), without and with probation");
+    let lying = LYING_PROBATION
+        .into_iter()
+        .map(|probation| lying(env, probation))
+        .collect::<Result<Vec<_>>>()?;
     println!(
         "D: throughput, app alone vs under baton, {} rounds",
         plan.rounds
@@ -386,6 +393,7 @@ pub fn run_all(env: &Env) -> Result<Measurements> {
         idle,
         wrk,
         broken,
+        lying,
         throughput,
         scale,
     })
@@ -827,6 +835,74 @@ fn release(baton: &Baton, name: &'static str, setup: &Setup, spacing: Duration) 
         record,
         serving_before,
         serving_after,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// F: a lying release
+// ---------------------------------------------------------------------------
+
+/// F's probation settings: none, and enough to see the lie.
+pub const LYING_PROBATION: [Duration; 2] = [Duration::ZERO, Duration::from_secs(3)];
+/// How long after READY=1 the lying release exits.
+pub const LIE_FOR: Duration = Duration::from_secs(1);
+/// How long F waits after the lying deploy before deploying a good release:
+/// longer than a request's timeout, so an outage shows as failed requests.
+pub const LIE_WATCH: Duration = Duration::from_secs(8);
+
+pub struct LyingRun {
+    pub probation: Duration,
+    pub trace: Trace,
+    /// The lying deploy's outcome, in baton's words.
+    pub outcome: String,
+    pub ok: bool,
+}
+
+/// A release that sends READY=1 and exits `LIE_FOR` later (as gunicorn's
+/// arbiter does when its workers cannot import the app), deployed under
+/// load; `LIE_WATCH` later a good release is deployed again.
+fn lying(env: &Env, probation: Duration) -> Result<LyingRun> {
+    let plan = &env.plan;
+    let mut good = env.setup(BOOT_DELAY);
+    if !probation.is_zero() {
+        good.health = format!("probation = \"{}ms\"", probation.as_millis());
+    }
+    let lie = good
+        .clone()
+        .env("HELLO_FAIL", "exit-after-ready")
+        .env("HELLO_EXIT_AFTER_MS", &LIE_FOR.as_millis().to_string());
+    let baton = Baton::start_with(&good, env.launch())?;
+    let address = first_address(&baton)?;
+    let clock = Clock::start();
+    let load = Load::start(address, clock.origin, spec(plan, Pace::Closed, plan.limit));
+    sleep(plan.spacing);
+    baton.rewrite(&lie)?;
+    let lied = deploy(&baton)?;
+    sleep(LIE_WATCH);
+    baton.rewrite(&good)?;
+    let good_again = deploy(&baton)?;
+    sleep(plan.spacing);
+    let end = clock.since(Instant::now());
+    let tally = load.stop();
+    println!(
+        "   probation {}: {}; {}",
+        crate::report::secs(probation),
+        lied.outcome,
+        summary(&tally)
+    );
+    Ok(LyingRun {
+        probation,
+        outcome: lied.outcome.clone(),
+        ok: lied.ok,
+        trace: Trace {
+            tally,
+            cycles: [&lied, &good_again]
+                .iter()
+                .map(|r| r.cycle(&clock))
+                .collect(),
+            lifespans: lifespans(&baton, &clock),
+            end,
+        },
     })
 }
 

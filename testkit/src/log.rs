@@ -85,7 +85,7 @@ impl Mark {
                 Mark::Exited,
                 Notice::CandidateFailed {
                     generation,
-                    reason: Failure::Exited(_),
+                    reason: Failure::Exited(_) | Failure::ExitedInProbation(_),
                     ..
                 },
             ) => *generation == g,
