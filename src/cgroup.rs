@@ -318,8 +318,9 @@ impl Cgroups {
 
     /// Makes the cgroup of `generation` with `limits` written, and opens
     /// its `cgroup.procs` for the child to move itself into (CLOEXEC).
+    /// Their controllers are enabled already (at start, and when a reload
+    /// is admitted: the daemon's `runnable`).
     pub(crate) fn create(&self, generation: u64, limits: &[CgroupLimit]) -> io::Result<OwnedFd> {
-        self.enable(limits).map_err(io::Error::other)?;
         let dir = self.dir(generation);
         match fs::create_dir(&dir) {
             Ok(()) => {}

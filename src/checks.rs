@@ -193,7 +193,7 @@ impl Checks {
         });
         for (pid, run) in hooks {
             run.timed_out = true;
-            let _ = killpg(*pid, Signal::SIGKILL);
+            kill(*pid);
         }
     }
 
@@ -326,10 +326,23 @@ impl Checks {
         for (pid, run) in &mut self.running {
             if !run.timed_out && run.deadline <= now {
                 run.timed_out = true;
-                let _ = killpg(*pid, Signal::SIGKILL);
+                kill(*pid);
             }
         }
     }
+
+    /// Whether `pid` is one of baton's check or hook processes (they carry
+    /// a generation's `BATON_GENERATION` but are not its escapees).
+    pub(crate) fn runs(&self, pid: Pid) -> bool {
+        self.running.contains_key(&pid)
+    }
+}
+
+/// SIGKILL to a check's process group, and to the process itself should it
+/// have left the group: its exit, reaped, is the answer.
+fn kill(pid: Pid) {
+    let _ = killpg(pid, Signal::SIGKILL);
+    let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
 }
 
 /// The last [`HOOK_LINES`] lines of what a hook wrote to `output`.

@@ -738,7 +738,7 @@ impl RawConfig {
         }
         let mut first = None;
         for (span, text) in fields {
-            if uses_version(text).map_err(|message| Invalid {
+            if holds_version(text).map_err(|message| Invalid {
                 span: span.clone(),
                 message,
             })? && first.is_none()
@@ -754,7 +754,7 @@ impl RawConfig {
 /// `{Version}`: within two edits of it) is an error, not text; any other
 /// braces are text (`${HOME}` in a shell command, `$SIG{TERM}` in perl,
 /// JSON).
-fn uses_version(text: &str) -> Result<bool, String> {
+fn holds_version(text: &str) -> Result<bool, String> {
     let mut uses = false;
     let mut rest = text;
     let mut before = None;
@@ -1623,6 +1623,19 @@ mod tests {
 
     const MINIMAL: &str = "[app]\ncommand = [\"/bin/server\"]\n";
 
+    /// Each file of `cases` is refused at `position` ("line:column") with
+    /// a message containing `message`.
+    fn refused(cases: &[(String, &str, &str)]) {
+        for (text, position, message) in cases {
+            let e = error(text);
+            assert!(
+                e.contains(&format!("t.toml:{position}: ")),
+                "{position} in {e}"
+            );
+            assert!(e.contains(message), "{message} in {e}");
+        }
+    }
+
     #[test]
     fn minimal_config_gets_defaults() {
         let c = parse(MINIMAL).unwrap();
@@ -1869,14 +1882,20 @@ group = "root"
                 "must be a number ≥ 0 or \"unlimited\"",
             ),
         ];
-        for (line, position, message) in cases {
-            let e = error(&format!("{MINIMAL}{line}\n"));
-            assert!(
-                e.contains(&format!("t.toml:{position}: ")),
-                "{position} in {e}"
-            );
-            assert!(e.contains(message), "{message} in {e}");
-        }
+        let cases: Vec<_> = cases
+            .iter()
+            .map(|&(text, position, message)| {
+                (
+                    format!(
+                        "{MINIMAL}{text}
+"
+                    ),
+                    position,
+                    message,
+                )
+            })
+            .collect();
+        refused(&cases);
     }
 
     #[test]
@@ -1970,14 +1989,20 @@ group = "root"
                 "unknown health check `ping`",
             ),
         ];
-        for (text, position, message) in cases {
-            let e = error(&format!("{MINIMAL}{text}\n"));
-            assert!(
-                e.contains(&format!("t.toml:{position}: ")),
-                "{position} in {e}"
-            );
-            assert!(e.contains(message), "{message} in {e}");
-        }
+        let cases: Vec<_> = cases
+            .iter()
+            .map(|&(text, position, message)| {
+                (
+                    format!(
+                        "{MINIMAL}{text}
+"
+                    ),
+                    position,
+                    message,
+                )
+            })
+            .collect();
+        refused(&cases);
     }
 
     #[test]
@@ -2030,14 +2055,11 @@ group = "root"
                 "[deploy] before must name a program",
             ),
         ];
-        for (text, position, message) in cases {
-            let e = error(text);
-            assert!(
-                e.contains(&format!("t.toml:{position}: ")),
-                "{position} in {e}"
-            );
-            assert!(e.contains(message), "{message} in {e}");
-        }
+        let cases: Vec<_> = cases
+            .iter()
+            .map(|&(text, position, message)| (text.to_owned(), position, message))
+            .collect();
+        refused(&cases);
         // {version} with no release anywhere: refused where it is used.
         let dir = tempfile::tempdir().unwrap();
         let text = format!(
@@ -2057,7 +2079,7 @@ group = "root"
 
     #[test]
     fn only_version_and_its_near_misses_are_placeholders() {
-        assert_eq!(uses_version("/opt/{version}/bin"), Ok(true));
+        assert_eq!(holds_version("/opt/{version}/bin"), Ok(true));
         for text in [
             "${HOME}/bin",
             "$SIG{TERM} = 1",
@@ -2065,7 +2087,7 @@ group = "root"
             "{x}",
             "${versio}",
         ] {
-            assert_eq!(uses_version(text), Ok(false), "{text}");
+            assert_eq!(holds_version(text), Ok(false), "{text}");
         }
         for typo in [
             "{verison}",
@@ -2074,7 +2096,7 @@ group = "root"
             "{versions}",
             "{vresion}",
         ] {
-            assert!(uses_version(typo).is_err(), "{typo}");
+            assert!(holds_version(typo).is_err(), "{typo}");
         }
     }
 
@@ -2144,14 +2166,20 @@ group = "root"
                 "pids_max must be a number of processes",
             ),
         ];
-        for (line, position, message) in cases {
-            let e = error(&format!("{MINIMAL}{line}\n"));
-            assert!(
-                e.contains(&format!("t.toml:{position}: ")),
-                "{position} in {e}"
-            );
-            assert!(e.contains(message), "{message} in {e}");
-        }
+        let cases: Vec<_> = cases
+            .iter()
+            .map(|&(text, position, message)| {
+                (
+                    format!(
+                        "{MINIMAL}{text}
+"
+                    ),
+                    position,
+                    message,
+                )
+            })
+            .collect();
+        refused(&cases);
     }
 
     #[test]
@@ -2197,14 +2225,11 @@ group = "root"
                 "group `no-such-group-baton` does not exist",
             ),
         ];
-        for (text, position, message) in cases {
-            let e = error(text);
-            assert!(
-                e.contains(&format!("t.toml:{position}: ")),
-                "{position} in {e}"
-            );
-            assert!(e.contains(message), "{message} in {e}");
-        }
+        let cases: Vec<_> = cases
+            .iter()
+            .map(|&(text, position, message)| (text.to_owned(), position, message))
+            .collect();
+        refused(&cases);
     }
 
     #[test]

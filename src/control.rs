@@ -205,6 +205,9 @@ pub struct GenerationDoc {
     /// Health checks failed in a row.
     #[serde(default)]
     pub health_failures: u32,
+    /// With `[health]` checks: whether one has passed since it serves.
+    #[serde(default)]
+    pub health_passed: Option<bool>,
     pub age_ms: u64,
     pub ready_after_ms: Option<f64>,
     pub command: String,
@@ -263,6 +266,7 @@ impl StatusDoc {
                     state: g.state.to_owned(),
                     probation_left_ms: g.probation_left.map(ms),
                     health_failures: g.health_failures,
+                    health_passed: g.health_passed,
                     age_ms: ms(g.age),
                     ready_after_ms: g.ready_after.map(fractional_ms),
                     command: g.command,

@@ -228,6 +228,31 @@ struct Finished {
     began: Instant,
 }
 
+impl Finished {
+    fn of(g: &Generation, kind: Cause, rollback: bool) -> Finished {
+        Finished {
+            generation: g.id,
+            version: g.version.clone(),
+            kind,
+            rollback,
+            began: g.started,
+        }
+    }
+}
+
+impl Start {
+    /// A start of the serving release, not asked for by anyone: a restart
+    /// after a crash, a wedged generation's replacement.
+    fn same_release(kind: Cause, releases: &Releases) -> Start {
+        Start {
+            kind,
+            version: releases.current.clone(),
+            rollback: false,
+            hooks: false,
+        }
+    }
+}
+
 /// Slack on top of a deadline for `EXTEND_TIMEOUT_USEC`: after the last
 /// SIGKILL the exit still has to be reaped.
 const EXTEND_SLACK: Duration = Duration::from_secs(5);
@@ -323,6 +348,8 @@ struct Watch {
     in_flight: bool,
     /// Health checks failed in a row.
     failures: u32,
+    /// A health check has passed since it serves.
+    passed: bool,
 }
 
 impl Watch {
@@ -387,9 +414,9 @@ struct Candidate {
 #[derive(Debug)]
 struct Pending {
     config: Arc<Config>,
-    version: Option<String>,
-    rollback: bool,
-    hooks: bool,
+    /// Chosen when the deploy starts: a `reload` queued behind `deploy 2`
+    /// redeploys 2, not what served when it was asked for.
+    release: Release,
     waiters: Vec<WaiterId>,
 }
 
@@ -586,6 +613,13 @@ impl Supervisor {
             .chain(self.draining.iter())
     }
 
+    fn generations_mut(&mut self) -> impl Iterator<Item = &mut Generation> {
+        self.current
+            .iter_mut()
+            .chain(self.candidate.iter_mut().map(|c| &mut c.generation))
+            .chain(self.draining.iter_mut())
+    }
+
     /// Whether the candidate is ready and on probation.
     fn on_probation(&self) -> bool {
         self.candidate
@@ -613,19 +647,13 @@ impl Supervisor {
             }
             return;
         }
-        let rollback = matches!(release, Release::Rollback { .. });
-        let hooks = !matches!(
-            release,
-            Release::Rollback {
-                with_hooks: false,
-                ..
-            }
-        );
+        // Refused at once when no release fits now; chosen again when a
+        // queued deploy starts.
         let config = config
             .and_then(|c| self.admit(c, actions))
-            .and_then(|c| Ok((self.release(&c, release)?, c)));
-        let (version, config) = match config {
-            Ok(chosen) => chosen,
+            .and_then(|c| self.release(&c, release.clone()).map(|_| c));
+        let config = match config {
+            Ok(config) => config,
             Err(reason) => return self.refuse(reason, waiter, actions),
         };
         let waiter = match waiter {
@@ -640,24 +668,61 @@ impl Supervisor {
             actions.push(Action::Notice(Notice::ReloadQueued));
             let pending = self.pending.get_or_insert_with(|| Pending {
                 config: config.clone(),
-                version: version.clone(),
-                rollback,
-                hooks,
+                release: Release::Current,
                 waiters: Vec::new(),
             });
             pending.config = config;
-            pending.version = version;
-            pending.rollback = rollback;
-            pending.hooks = hooks;
+            // A reload deploys whichever release comes next; a deploy or
+            // rollback that names another one replaces it, and whoever
+            // waited for that one hears it was cancelled.
+            if release != Release::Current && release != pending.release {
+                if pending.release != Release::Current {
+                    for waiter in pending.waiters.drain(..) {
+                        actions.push(progress(waiter, Progress::Done(Outcome::Cancelled)));
+                    }
+                }
+                pending.release = release;
+            }
             if let Some(waiter) = waiter {
                 pending.waiters.push(waiter);
                 actions.push(progress(waiter, Progress::Queued));
             }
             return;
         }
+        let waiters = waiter.into_iter().collect();
+        self.deploy(config, release, waiters, now, actions);
+    }
+
+    /// Starts a deploy of `release`, chosen now; `waiters` hear a refusal
+    /// when none fits any more.
+    fn deploy(
+        &mut self,
+        config: Arc<Config>,
+        release: Release,
+        waiters: Vec<WaiterId>,
+        now: Instant,
+        actions: &mut Vec<Action>,
+    ) {
+        let rollback = matches!(release, Release::Rollback { .. });
+        let hooks = !matches!(
+            release,
+            Release::Rollback {
+                with_hooks: false,
+                ..
+            }
+        );
+        let version = match self.release(&config, release) {
+            Ok(version) => version,
+            Err(reason) => {
+                let notice = Notice::ReloadRefused { reason };
+                for waiter in waiters {
+                    actions.push(progress(waiter, Progress::Refused(notice.to_string())));
+                }
+                return actions.push(Action::Notice(notice));
+            }
+        };
         // A restart waiting out its backoff is replaced by the deploy.
         self.restart_at = None;
-        let waiters = waiter.into_iter().collect();
         let start = Start {
             kind: Cause::Deploy,
             version,
@@ -867,7 +932,7 @@ impl Supervisor {
                 generation: id,
                 detail: output,
             })),
-            Hook::After => {}
+            Hook::After => actions.push(Action::Notice(Notice::AfterHookPassed { generation: id })),
         }
     }
 
@@ -900,13 +965,7 @@ impl Supervisor {
             actions.push(Action::Notice(Notice::Gone { generation: id }));
             return;
         }
-        let live = self
-            .current
-            .iter_mut()
-            .chain(self.candidate.iter_mut().map(|c| &mut c.generation))
-            .chain(self.draining.iter_mut())
-            .find(|g| g.id == id);
-        if let Some(g) = live {
+        if let Some(g) = self.generations_mut().find(|g| g.id == id) {
             g.emptied = true;
         }
     }
@@ -1012,11 +1071,12 @@ impl Supervisor {
             // new one's failures, which count through the probation.
             if !on_probation {
                 g.health.failures = 0;
+                g.health.passed = true;
             }
             return;
         }
         g.health.failures = g.health.failures.saturating_add(1);
-        let failures = g.health.failures;
+        let (failures, passed) = (g.health.failures, g.health.passed);
         actions.push(Action::Notice(Notice::HealthFailed {
             generation: id,
             failures,
@@ -1031,7 +1091,18 @@ impl Supervisor {
             return self.fail_candidate(reason, now, actions);
         }
         // The current generation is wedged: a fresh one of its release
-        // takes over through the usual handoff, unless a deploy runs.
+        // takes over through the usual handoff, unless a deploy runs. One
+        // that never passed is not wedged: its check (or the release) is
+        // wrong, and replacing it would go on forever.
+        if !passed {
+            if failures == of {
+                actions.push(Action::Notice(Notice::HealthNeverPassed {
+                    generation: id,
+                    detail,
+                }));
+            }
+            return;
+        }
         if self.candidate.is_some() || self.mode != Mode::Running {
             return;
         }
@@ -1045,12 +1116,7 @@ impl Supervisor {
             detail,
         }));
         let config = self.serving_config.clone();
-        let start = Start {
-            kind: Cause::Replace,
-            version: self.releases.current.clone(),
-            rollback: false,
-            hooks: false,
-        };
+        let start = Start::same_release(Cause::Replace, &self.releases);
         self.start_candidate(config, start, Vec::new(), now, actions);
     }
 
@@ -1080,11 +1146,7 @@ impl Supervisor {
             .find(|g| leader(g))
             .or_else(|| all().find(|g| belongs(g)))
             .map(|g| g.id)?;
-        self.current
-            .iter_mut()
-            .chain(self.candidate.iter_mut().map(|c| &mut c.generation))
-            .chain(self.draining.iter_mut())
-            .find(|g| g.id == id)
+        self.generations_mut().find(|g| g.id == id)
     }
 
     /// The candidate is ready. With `[health] probation` and a generation
@@ -1226,6 +1288,22 @@ impl Supervisor {
         self.finish_deploy(finished, outcome, latency, waiters, now, actions);
     }
 
+    /// The history's record of a deploy that ended `now`.
+    fn record(&self, finished: Finished, outcome: Outcome, now: Instant) -> Action {
+        Action::Record {
+            record: Record {
+                generation: finished.generation,
+                version: finished.version,
+                cause: finished.kind,
+                rollback: finished.rollback,
+                outcome,
+                began: finished.began,
+                took: now.saturating_duration_since(finished.began),
+            },
+            current: self.releases.current.clone(),
+        }
+    }
+
     /// Records the outcome, answers the waiters and starts a queued reload.
     fn finish_deploy(
         &mut self,
@@ -1239,18 +1317,7 @@ impl Supervisor {
         let kind = finished.kind;
         // Restarts after a crash are not deploys: the history has them not.
         if kind != Cause::Restart {
-            actions.push(Action::Record {
-                record: Record {
-                    generation: finished.generation,
-                    version: finished.version,
-                    cause: kind,
-                    rollback: finished.rollback,
-                    outcome: outcome.clone(),
-                    began: finished.began,
-                    took: now.saturating_duration_since(finished.began),
-                },
-                current: self.releases.current.clone(),
-            });
+            actions.push(self.record(finished, outcome.clone(), now));
         }
         if kind == Cause::Deploy {
             actions.push(Action::Notice(Notice::DeployFinished {
@@ -1268,20 +1335,11 @@ impl Supervisor {
         }
         if let Some(Pending {
             config,
-            version,
-            rollback,
-            hooks,
+            release,
             waiters,
         }) = self.pending.take()
         {
-            self.restart_at = None;
-            let start = Start {
-                kind: Cause::Deploy,
-                version,
-                rollback,
-                hooks,
-            };
-            self.start_candidate(config, start, waiters, now, actions);
+            self.deploy(config, release, waiters, now, actions);
         }
     }
 
@@ -1298,13 +1356,7 @@ impl Supervisor {
         };
         let id = generation.id;
         let took = now - generation.started;
-        let finished = Finished {
-            generation: id,
-            version: generation.version.clone(),
-            kind,
-            rollback,
-            began: generation.started,
-        };
+        let finished = Finished::of(&generation, kind, rollback);
         match (&reason, generation.pid) {
             // It may already have accepted connections from the shared
             // queue (and on probation it served): stop it like a draining
@@ -1475,7 +1527,22 @@ impl Supervisor {
                 g.id
             ))));
             // A running deploy's candidate will take over; otherwise restart.
-            if self.candidate.is_none() {
+            // One still waiting for its before hook started nothing and may
+            // wait minutes: that deploy is cancelled (its hook runs on, a
+            // migration is not cut short) and the serving release restarts.
+            let preparing = self
+                .candidate
+                .as_ref()
+                .is_some_and(|c| matches!(c.generation.state, State::Preparing { .. }));
+            if preparing {
+                let reason = Failure::HookFailed {
+                    hook: "before".into(),
+                    detail: "the serving generation crashed while it ran: the deploy is \
+                             cancelled and the serving release restarts (the hook runs on)"
+                        .into(),
+                };
+                self.fail_candidate(reason, now, actions);
+            } else if self.candidate.is_none() {
                 self.schedule_restart(now, actions);
             }
         }
@@ -1567,12 +1634,7 @@ impl Supervisor {
         if self.restart_at.is_some_and(|t| t <= now) && self.candidate.is_none() {
             self.restart_at = None;
             let config = self.serving_config.clone();
-            let start = Start {
-                kind: Cause::Restart,
-                version: self.releases.current.clone(),
-                rollback: false,
-                hooks: false,
-            };
+            let start = Start::same_release(Cause::Restart, &self.releases);
             self.start_candidate(config, start, Vec::new(), now, actions);
         }
     }
@@ -1590,6 +1652,10 @@ impl Supervisor {
         let mut waiters: Vec<WaiterId> = self.pending.take().map(|p| p.waiters).unwrap_or_default();
         if let Some(c) = self.candidate.take() {
             waiters.extend(c.waiters);
+            if c.kind != Cause::Restart {
+                let finished = Finished::of(&c.generation, c.kind, c.rollback);
+                actions.push(self.record(finished, Outcome::Cancelled, now));
+            }
             match c.generation.pid {
                 Some(_) => self.drain(c.generation, now, actions),
                 // Its before hook runs: nothing was started.
@@ -1658,6 +1724,7 @@ impl Supervisor {
                     status: g.status.clone(),
                     probation_left,
                     health_failures: g.health.failures,
+                    health_passed: g.config.health.checks().then_some(g.health.passed),
                 }
             })
             .collect();
@@ -1767,6 +1834,8 @@ pub(crate) struct GenerationStatus {
     pub probation_left: Option<Duration>,
     /// Health checks failed in a row.
     pub health_failures: u32,
+    /// With `[health]` checks: whether one has passed since it serves.
+    pub health_passed: Option<bool>,
 }
 
 #[cfg(test)]
@@ -1814,9 +1883,14 @@ backoff_max = "1s"
 
     impl Harness {
         fn with(text: &str) -> (Harness, Vec<Action>) {
+            Harness::with_releases(text, Releases::default())
+        }
+
+        /// Started with `releases` remembered (as from the history).
+        fn with_releases(text: &str, releases: Releases) -> (Harness, Vec<Action>) {
             let config = config(text);
             let t0 = Instant::now();
-            let (s, actions) = Supervisor::new(config.clone(), Releases::default(), t0, 1);
+            let (s, actions) = Supervisor::new(config.clone(), releases, t0, 1);
             let mut h = Harness {
                 s,
                 t0,
@@ -2985,26 +3059,15 @@ backoff_max = "1s"
     /// serving release; the history hears every deploy.
     #[test]
     fn deploy_rollback_and_restart_keep_track_of_releases() {
-        let config = config(RELEASED);
-        let t0 = Instant::now();
         let releases = Releases {
             current: Some("1".into()),
             served: vec!["1".into()],
         };
-        let (s, actions) = Supervisor::new(config.clone(), releases, t0, 1);
+        let (mut h, actions) = Harness::with_releases(RELEASED, releases);
         assert_eq!(
             spawned_command(&actions),
             ["/opt/app/releases/1/bin/server"]
         );
-        let mut h = Harness {
-            s,
-            t0,
-            now: t0,
-            config,
-            notices: Vec::new(),
-            upstream: Vec::new(),
-            records: Vec::new(),
-        };
         up(&mut h, 1);
         let actions = release(&mut h, Release::Version("2".into()), 1);
         assert_eq!(
@@ -3093,22 +3156,12 @@ backoff_max = "1s"
     /// and so is a rollback with nothing to go back to.
     #[test]
     fn missing_release_or_rollback_target_is_refused() {
-        let config = config(RELEASED);
-        let t0 = Instant::now();
         let releases = Releases {
             current: Some("7".into()),
             served: vec!["7".into()],
         };
-        let (s, _) = Supervisor::new(config.clone(), releases, t0, 1);
-        let mut h = Harness {
-            s,
-            t0,
-            now: t0,
-            config,
-            notices: Vec::new(),
-            upstream: Vec::new(),
-            records: Vec::new(),
-        };
+        let (mut h, _) = Harness::with_releases(RELEASED, releases);
+        let t0 = h.t0;
         up(&mut h, 1);
         let actions = release(
             &mut h,
@@ -3232,6 +3285,93 @@ backoff_max = "1s"
         });
         assert!(hooks(&actions).is_empty());
         assert_eq!(spawns(&actions), [4]);
+    }
+
+    /// Review of issue 9: a reload queued behind `deploy 2` redeploys 2
+    /// (the release is chosen when the queued deploy starts), and a second
+    /// release named while one is queued cancels the first one's waiter.
+    #[test]
+    fn queued_deploys_choose_their_release_when_they_start() {
+        let releases = Releases {
+            current: Some("1".into()),
+            served: vec!["1".into()],
+        };
+        let (mut h, _) = Harness::with_releases(RELEASED, releases);
+        up(&mut h, 1);
+        release(&mut h, Release::Version("2".into()), 1);
+        let queued = release(&mut h, Release::Current, 2);
+        assert!(spawns(&queued).is_empty());
+        let actions = up(&mut h, 2);
+        assert_eq!(
+            spawned_command(&actions),
+            ["/opt/app/releases/2/bin/server"]
+        );
+        // While 4 runs, 5 is queued, then 6 replaces it: 5's waiter hears
+        // it was cancelled, 6 is what follows.
+        up(&mut h, 3);
+        release(&mut h, Release::Version("4".into()), 4);
+        release(&mut h, Release::Version("5".into()), 5);
+        let actions = release(&mut h, Release::Version("6".into()), 6);
+        assert_eq!(done(&actions, 5), Some(&Outcome::Cancelled));
+        let actions = up(&mut h, 4);
+        assert_eq!(
+            spawned_command(&actions),
+            ["/opt/app/releases/6/bin/server"]
+        );
+    }
+
+    /// Review of issue 9: the serving generation crashing while a deploy
+    /// waits for its before hook left nothing serving for as long as the
+    /// hook took. That deploy is cancelled and the serving release restarts.
+    #[test]
+    fn crash_during_a_before_hook_restarts_the_serving_release() {
+        let text = format!("{BASE}\n[deploy]\nbefore = [\"/bin/migrate\"]\n");
+        let (mut h, _) = Harness::with(&text);
+        up(&mut h, 1);
+        h.reload(Some(1));
+        assert_eq!(h.states()[1], (2, "preparing"));
+        let actions = h.at(ms(100)).on(exited(100, 1));
+        let outcome = done(&actions, 1).unwrap().to_string();
+        assert!(
+            outcome.contains("the serving generation crashed while it ran"),
+            "{outcome}"
+        );
+        let restart = h.s.next_deadline().unwrap();
+        assert!(
+            restart < h.t0 + ms(1100),
+            "a restart, not the hook's 5 minutes"
+        );
+        assert_eq!(spawns(&h.at(restart - h.t0).on(Event::Tick)), [3]);
+        // The hook's late answer is ignored.
+        assert!(h
+            .on(Event::HookDone {
+                generation: 2,
+                hook: Hook::Before,
+                ok: true,
+                output: String::new(),
+            })
+            .is_empty());
+    }
+
+    /// Review of issue 9: a health check that never passed (a wrong URL)
+    /// replaced the generation over and over. It is reported, not acted on.
+    #[test]
+    fn a_check_that_never_passed_replaces_nothing() {
+        let health = "check = \"tcp\"\naddress = \"127.0.0.1:1\"\nfailures = 2";
+        let (mut h, _) = Harness::with(&with_health(health));
+        up(&mut h, 1);
+        for round in 0..4u64 {
+            assert_eq!(probes(&h.at(ms(1000 * round)).on(Event::Tick)), [1]);
+            let actions = h.on(failed(1, "connect to 127.0.0.1:1: refused"));
+            assert!(spawns(&actions).is_empty());
+        }
+        let never = h
+            .take_notices()
+            .into_iter()
+            .filter(|n| matches!(n, Notice::HealthNeverPassed { generation: 1, .. }))
+            .count();
+        assert_eq!(never, 1, "said once");
+        assert_eq!(h.s.status(h.now).replaced, 0);
     }
 
     /// Issue 8: deadlines past what `Instant` holds aborted the daemon.

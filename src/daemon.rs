@@ -101,8 +101,9 @@ pub fn run(config_path: &Path, options: Options) -> Result<i32, DaemonError> {
     runnable(&config, None).map_err(DaemonError::Unrunnable)?;
     // The release last serving comes back after a restart (or a reboot).
     let (history, history_problem) = crate::history::load(&config.state_dir, true);
-    if history.current.is_none() {
-        config.check_release()?;
+    let named = history.current.is_some() || config.app.version.is_some();
+    if config.uses_version() && !named {
+        return Err(DaemonError::Config(config.missing_version()));
     }
     // Orphans of the application (a daemonizing helper, say) are
     // reparented to baton instead of init, and reaped by its reaper: no
@@ -692,7 +693,11 @@ impl Shell {
     /// one of `generations` (each with the pid of its main process) and
     /// left its process group.
     fn kill_escapees(&mut self, generations: &[(u64, Pid)]) {
-        for (generation, pid) in escapees(generations) {
+        let found: Vec<(u64, Pid)> = escapees(generations)
+            .into_iter()
+            .filter(|&(_, p)| !self.checks.runs(p))
+            .collect();
+        for (generation, pid) in found {
             let _ = kill(pid, Signal::SIGKILL);
             self.notice(Notice::EscapeeKilled {
                 generation,
@@ -831,6 +836,10 @@ impl Shell {
             Some(_) => Vec::new(),
             None => escapees(&leaders),
         };
+        let escaped: Vec<(u64, Pid)> = escaped
+            .into_iter()
+            .filter(|&(_, p)| !self.checks.runs(p))
+            .collect();
         for g in &mut doc.generations {
             let usage = match (cgroups, g.pid) {
                 (Some(cgroups), _) => {

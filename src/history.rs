@@ -133,6 +133,17 @@ pub(crate) fn load(dir: &Path, set_aside: bool) -> (History, Option<String>) {
         .and_then(|h| match h.format {
             FORMAT => Ok(h),
             other => Err(format!("format {other}, not {FORMAT}")),
+        })
+        // Versions become paths: only names `deploy` would take.
+        .and_then(|h| {
+            let versions = h
+                .current
+                .iter()
+                .chain(h.deploys.iter().flat_map(|e| &e.version));
+            for v in versions {
+                crate::config::valid_version(v)?;
+            }
+            Ok(h)
         });
     let why = match parsed {
         Ok(history) => return (history, None),
@@ -163,7 +174,16 @@ pub(crate) fn save(dir: &Path, history: &History) -> io::Result<()> {
     let temp = temp_path(&path);
     let text = serde_json::to_vec_pretty(history).expect("the history serializes");
     let written = (|| {
-        let mut file = fs::File::create(&temp)?;
+        // Reasons quote hook output, which may say more than it should.
+        let mut file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&temp)?
+        };
         file.write_all(&text)?;
         file.sync_all()?;
         fs::rename(&temp, &path)?;

@@ -441,7 +441,9 @@ fn history(path: PathBuf, json: bool) -> u8 {
     );
     for e in &history.deploys {
         let took = baton::notice::secs(Duration::from_millis(e.took_ms));
+        // The reason often starts with the outcome's words ("exec failed").
         let outcome = match &e.reason {
+            Some(reason) if reason.starts_with(&e.outcome) => reason.clone(),
             Some(reason) => format!("{}: {reason}", e.outcome),
             None => e.outcome.clone(),
         };

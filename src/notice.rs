@@ -219,6 +219,16 @@ pub enum Notice {
         failures: u32,
         detail: String,
     },
+    /// The current generation fails its health checks and never passed
+    /// one: baton does not replace it (that would loop); fix the check.
+    HealthNeverPassed {
+        generation: u64,
+        detail: String,
+    },
+    /// `[deploy] after` passed for `generation`.
+    AfterHookPassed {
+        generation: u64,
+    },
     /// The candidate failed; `serving` is the generation still serving.
     CandidateFailed {
         generation: u64,
@@ -401,6 +411,7 @@ impl Notice {
             | MainPidIgnored { .. }
             | HealthFailed { .. }
             | Replacing { .. }
+            | HealthNeverPassed { .. }
             | HistoryUnusable { .. }
             | AfterHookFailed { .. }
             | HistoryNotSaved { .. } => Level::Warn,
@@ -435,6 +446,8 @@ impl Notice {
             | Probation { generation, .. }
             | HealthFailed { generation, .. }
             | Replacing { generation, .. }
+            | HealthNeverPassed { generation, .. }
+            | AfterHookPassed { generation }
             | AfterHookFailed { generation, .. }
             | CandidateFailed { generation, .. }
             | Draining { generation, .. }
@@ -703,6 +716,14 @@ impl fmt::Display for Notice {
             Stopping { fast: false } => f.write_str("graceful stop: draining every generation"),
             AllExited => f.write_str("every generation has exited"),
             HistoryUnusable { problem } => write!(f, "deploy history: {problem}"),
+            HealthNeverPassed { generation, detail } => write!(
+                f,
+                "generation {generation} fails its health check and never passed it ({detail}): \
+                 not replacing it, which would loop; check [health] (or deploy a fix)"
+            ),
+            AfterHookPassed { generation } => {
+                write!(f, "[deploy] after passed for generation {generation}")
+            }
             AfterHookFailed { generation, detail } => write!(
                 f,
                 "[deploy] after failed for generation {generation}, which serves on: {detail}"

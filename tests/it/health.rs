@@ -127,6 +127,15 @@ fn wedged_generation_is_replaced_without_a_failed_request() {
     let (code, _, stderr) = baton.reload_wait();
     assert_eq!(code, 0, "{stderr}");
     baton.wait_drained(1).unwrap();
+    // Wedged means it passed before: wait until it has.
+    let passed = || {
+        baton.status_doc().is_ok_and(|d| {
+            d.generations
+                .iter()
+                .any(|g| g.generation == 2 && g.health_passed == Some(true))
+        })
+    };
+    assert!(baton_testkit::eventually(WAIT, passed));
     let load = load(baton.port());
     std::fs::write(gate.path().join("2-wedged"), "").unwrap();
     let replacing = baton
@@ -232,7 +241,8 @@ fn accepting_waits_until_the_app_waits_for_connections() {
 fn exec_readiness_ready_and_not_ready() {
     let dir = tempfile::tempdir().unwrap();
     let script = format!(
-        "test -e {d}/ready-$BATON_GENERATION && echo $BATON_PID > {d}/pid-$BATON_GENERATION",
+        "echo run >> {d}/runs-$BATON_GENERATION; test -e {d}/ready-$BATON_GENERATION && \
+         echo $BATON_PID > {d}/pid-$BATON_GENERATION",
         d = dir.path().display()
     );
     let exec = |script: &str, timeout: &str| Setup {
@@ -246,10 +256,16 @@ fn exec_readiness_ready_and_not_ready() {
     let mut baton = start(&exec(&script, "20s"));
     let pid = std::fs::read_to_string(dir.path().join("pid-1")).unwrap();
     assert_eq!(pid.trim(), baton.current_pid().to_string());
-    // Generation 2 becomes ready when its file appears, not before.
+    // Generation 2 becomes ready when its file appears, not before: its
+    // check has failed twice (each run leaves a line), and it still starts.
     let mut waiting = baton.cli_start(&["reload", "--wait"]);
     waiting.wait_line("generation 2", WAIT).unwrap();
-    assert_eq!(baton.generations()[0].0, 1);
+    let runs = dir.path().join("runs-2");
+    let failed_twice = || std::fs::read_to_string(&runs).is_ok_and(|r| r.lines().count() >= 2);
+    assert!(baton_testkit::eventually(WAIT, failed_twice));
+    let states = baton.generations();
+    assert_eq!(states[0], (1, "ready".to_owned()));
+    assert_eq!(states[1], (2, "starting".to_owned()));
     std::fs::write(dir.path().join("ready-2"), "").unwrap();
     let (code, stdout, stderr) = waiting.finish(WAIT).unwrap();
     assert_eq!(code, 0, "{stdout}{stderr}");

@@ -84,7 +84,7 @@ fn deploy_rollback_history_and_restart() {
     assert_eq!(rows.len(), 4, "{out}");
     for (row, (generation, version, kind, outcome)) in rows.iter().zip([
         ("4", "1", "rollback", "served"),
-        ("3", "3", "deploy", "exec failed: exec failed: ENOENT"),
+        ("3", "3", "deploy", "exec failed: ENOENT"),
         ("2", "2", "deploy", "served"),
         ("1", "1", "start", "served"),
     ]) {
@@ -219,6 +219,12 @@ fn before_hook_gates_the_deploy_after_hook_follows() {
         String::from_utf8_lossy(&out.stderr)
     );
     baton.wait_drained(1).unwrap();
+    // The after hook of deploy 2 runs once it served; deploy 3 follows it.
+    baton
+        .wait_notice_ever("deploy 2's after hook", WAIT, |n| {
+            matches!(n, Notice::AfterHookPassed { generation: 2 })
+        })
+        .unwrap();
     let out = baton.cli(&["deploy", "3", "--wait"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -232,10 +238,8 @@ fn before_hook_gates_the_deploy_after_hook_follows() {
     let started = baton.started_generations();
     assert!(!started.contains_key(&3), "{started:?}");
     assert_eq!(get_generation(baton.port()), 2);
-    // The after hook of deploy 2 has run once it served: wait for its line.
-    let lines = |log: &Path| std::fs::read_to_string(log).unwrap_or_default();
-    assert!(baton_testkit::eventually(WAIT, || lines(&log).contains("after 2")));
-    assert_eq!(lines(&log), "before 2 2\nafter 2\nbefore 3 3\n");
+    let lines = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(lines, "before 2 2\nafter 2\nbefore 3 3\n");
     let history = baton.cli(&["history"]);
     let history = String::from_utf8_lossy(&history.stdout);
     assert!(history.contains("hook failed"), "{history}");
