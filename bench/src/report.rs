@@ -200,9 +200,11 @@ impl Report<'_> {
              a failure it waits {} ms (as a retrying client would), so failure counts measure \
              how long an outage lasts, not how fast a refused `connect()` returns. **Open \
              loop**: {:.0} requests/s in all ({:.0}% of the {:.0}/s the app alone answered \
-             closed-loop at the start of this run), each client on a fixed schedule; latency \
-             counts from when a request was due, so a stall shows in full (no coordinated \
-             omission), and no pause after a failure.",
+             closed-loop at the start of this run), each client on a fixed schedule: a \
+             fresh-connection client sends each request when it is due even while earlier ones \
+             are unanswered (up to 64 at once), a keep-alive client as soon as its connection \
+             is free; latency counts from when a request was due, so a stall shows in full (no \
+             coordinated omission), and no pause after a failure.",
             p.load.mix.fresh,
             p.load.mix.keep_alive,
             p.load.request_timeout.as_secs(),

@@ -78,8 +78,10 @@ pub enum Pace {
     Closed,
     /// `rate` requests a second in all, spread evenly over the clients,
     /// each on its own fixed schedule; a request's latency counts from its
-    /// due time. A client behind its schedule sends at once (no pause
-    /// after a failure either).
+    /// due time. A fresh-connection client sends each request when due,
+    /// even while earlier ones wait for an answer; a keep-alive client
+    /// (one connection, one request at a time) behind its schedule sends
+    /// at once. No pause after a failure either.
     Open { rate: f64 },
 }
 
@@ -351,7 +353,19 @@ impl Tally {
 
     /// Counts one request that began (or was due) at `began`.
     fn record(&mut self, kind: Kind, result: Result<u64, Failed>, began: Instant, origin: Instant) {
-        let now = Instant::now();
+        self.record_at(kind, result, began, Instant::now(), origin);
+    }
+
+    /// Counts one request that began (or was due) at `began` and ended at
+    /// `now`.
+    fn record_at(
+        &mut self,
+        kind: Kind,
+        result: Result<u64, Failed>,
+        began: Instant,
+        now: Instant,
+        origin: Instant,
+    ) {
         let window = window_of(origin, now);
         let stats = match kind {
             Kind::Fresh => &mut self.fresh,
@@ -360,7 +374,9 @@ impl Tally {
         match result {
             Ok(generation) => {
                 stats.ok += 1;
-                stats.latency.saturating_record(micros(began.elapsed()));
+                stats
+                    .latency
+                    .saturating_record(micros(now.saturating_duration_since(began)));
                 *self
                     .timeline
                     .answered
@@ -583,6 +599,9 @@ async fn client(
     let mut tally = Tally::default();
     let mut connection = None;
     let limit = spec.request_timeout;
+    if let (Kind::Fresh, Some(schedule)) = (kind, schedule.as_mut()) {
+        return open_fresh(target, limit, schedule, origin, deadline, stop).await;
+    }
     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
         let began = match schedule.as_mut() {
             Some(schedule) => schedule.due().await,
@@ -602,6 +621,51 @@ async fn client(
         if failed && schedule.is_none() {
             sleep(spec.failure_pause).await;
         }
+    }
+    tally
+}
+
+/// Requests a fresh-connection client may have in flight in open loop.
+const OPEN_IN_FLIGHT: usize = 64;
+
+/// An open-loop fresh-connection client: each request goes out when it is
+/// due, on its own connection, whether or not the last one has been
+/// answered (up to [`OPEN_IN_FLIGHT`] at once; past that, it waits, and the
+/// wait counts in the latency). A stall of the server shows in full, and a
+/// slow answer does not delay the requests after it.
+async fn open_fresh(
+    target: SocketAddr,
+    limit: Duration,
+    schedule: &mut Schedule,
+    origin: Instant,
+    deadline: Instant,
+    stop: Arc<AtomicBool>,
+) -> Tally {
+    let mut tally = Tally::default();
+    let mut in_flight = tokio::task::JoinSet::new();
+    let count = |tally: &mut Tally, done: Result<(Result<u64, Failed>, Instant, Instant), _>| {
+        if let Ok((result, due, ended)) = done {
+            tally.record_at(Kind::Fresh, result, due, ended, origin);
+        }
+    };
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        while let Some(done) = in_flight.try_join_next() {
+            count(&mut tally, done);
+        }
+        if in_flight.len() >= OPEN_IN_FLIGHT {
+            if let Some(done) = in_flight.join_next().await {
+                count(&mut tally, done);
+            }
+            continue;
+        }
+        let due = schedule.due().await;
+        in_flight.spawn(async move {
+            let result = bounded(limit, fresh_request(target)).await;
+            (result, due, Instant::now())
+        });
+    }
+    while let Some(done) = in_flight.join_next().await {
+        count(&mut tally, done);
     }
     tally
 }
