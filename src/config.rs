@@ -1623,11 +1623,11 @@ mod tests {
 
     const MINIMAL: &str = "[app]\ncommand = [\"/bin/server\"]\n";
 
-    /// Each file of `cases` is refused at `position` ("line:column") with
-    /// a message containing `message`.
-    fn refused(cases: &[(String, &str, &str)]) {
+    /// Each file of `cases` (after `prefix`) is refused at `position`
+    /// ("line:column") with a message containing `message`.
+    fn refused(prefix: &str, cases: &[(&str, &str, &str)]) {
         for (text, position, message) in cases {
-            let e = error(text);
+            let e = error(&format!("{prefix}{text}\n"));
             assert!(
                 e.contains(&format!("t.toml:{position}: ")),
                 "{position} in {e}"
@@ -1882,20 +1882,7 @@ group = "root"
                 "must be a number ≥ 0 or \"unlimited\"",
             ),
         ];
-        let cases: Vec<_> = cases
-            .iter()
-            .map(|&(text, position, message)| {
-                (
-                    format!(
-                        "{MINIMAL}{text}
-"
-                    ),
-                    position,
-                    message,
-                )
-            })
-            .collect();
-        refused(&cases);
+        refused(MINIMAL, &cases);
     }
 
     #[test]
@@ -1989,20 +1976,7 @@ group = "root"
                 "unknown health check `ping`",
             ),
         ];
-        let cases: Vec<_> = cases
-            .iter()
-            .map(|&(text, position, message)| {
-                (
-                    format!(
-                        "{MINIMAL}{text}
-"
-                    ),
-                    position,
-                    message,
-                )
-            })
-            .collect();
-        refused(&cases);
+        refused(MINIMAL, &cases);
     }
 
     #[test]
@@ -2055,11 +2029,7 @@ group = "root"
                 "[deploy] before must name a program",
             ),
         ];
-        let cases: Vec<_> = cases
-            .iter()
-            .map(|&(text, position, message)| (text.to_owned(), position, message))
-            .collect();
-        refused(&cases);
+        refused("", &cases);
         // {version} with no release anywhere: refused where it is used.
         let dir = tempfile::tempdir().unwrap();
         let text = format!(
@@ -2166,20 +2136,7 @@ group = "root"
                 "pids_max must be a number of processes",
             ),
         ];
-        let cases: Vec<_> = cases
-            .iter()
-            .map(|&(text, position, message)| {
-                (
-                    format!(
-                        "{MINIMAL}{text}
-"
-                    ),
-                    position,
-                    message,
-                )
-            })
-            .collect();
-        refused(&cases);
+        refused(MINIMAL, &cases);
     }
 
     #[test]
@@ -2225,11 +2182,7 @@ group = "root"
                 "group `no-such-group-baton` does not exist",
             ),
         ];
-        let cases: Vec<_> = cases
-            .iter()
-            .map(|&(text, position, message)| (text.to_owned(), position, message))
-            .collect();
-        refused(&cases);
+        refused("", &cases);
     }
 
     #[test]
