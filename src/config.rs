@@ -401,12 +401,6 @@ impl Config {
             self.control_socket.display()
         )
     }
-
-    /// True when `other` asks for different sockets than `self`. Changing
-    /// listeners needs a restart of baton (for now).
-    pub(crate) fn listeners_differ(&self, other: &Config) -> bool {
-        self.listeners != other.listeners
-    }
 }
 
 /// The control socket named by the file at `path`, found without requiring
@@ -2183,24 +2177,6 @@ group = "root"
             ),
         ];
         refused("", &cases);
-    }
-
-    #[test]
-    fn listener_change_is_detected() {
-        let a = parse(
-            "[[listen]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n[app]\ncommand = [\"x\"]\n",
-        )
-        .unwrap();
-        let b = parse(
-            "[[listen]]\nname = \"a\"\naddress = \"127.0.0.1:2\"\n[app]\ncommand = [\"x\"]\n",
-        )
-        .unwrap();
-        let c = parse(
-            "[[listen]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n[app]\ncommand = [\"y\"]\n",
-        )
-        .unwrap();
-        assert!(a.listeners_differ(&b));
-        assert!(!a.listeners_differ(&c));
     }
 
     #[test]

@@ -245,13 +245,16 @@ pub struct DeployDoc {
 pub struct ListenerDoc {
     pub name: String,
     pub address: String,
+    /// A reload removed it; it closes once no generation holds it.
+    #[serde(default)]
+    pub closing: bool,
 }
 
 impl StatusDoc {
     pub(crate) fn new(
         status: Status,
         config: &Path,
-        listeners: Vec<(String, String)>,
+        listeners: Vec<(String, String, bool)>,
     ) -> StatusDoc {
         let ms = |d: Duration| d.as_millis() as u64;
         StatusDoc {
@@ -290,7 +293,11 @@ impl StatusDoc {
             }),
             listeners: listeners
                 .into_iter()
-                .map(|(name, address)| ListenerDoc { name, address })
+                .map(|(name, address, closing)| ListenerDoc {
+                    name,
+                    address,
+                    closing,
+                })
                 .collect(),
             containment: None,
             replaced: status.replaced,
@@ -393,7 +400,8 @@ impl StatusDoc {
             None => out += "last deploy: none since start\n",
         }
         for l in &self.listeners {
-            out += &format!("listener {}: {}\n", l.name, l.address);
+            let closing = if l.closing { " (closing)" } else { "" };
+            out += &format!("listener {}: {}{closing}\n", l.name, l.address);
         }
         if self.stopping {
             out += "stopping\n";

@@ -768,15 +768,11 @@ impl Supervisor {
         Ok(version)
     }
 
-    /// What of a re-read file can change while baton runs: the listeners
-    /// cannot (a refusal), `[control]` waits for a restart (a warning).
+    /// What of a re-read file can change while baton runs: everything but
+    /// `[control]` and `[app] cgroup`, which wait for a restart (a
+    /// warning). Changed listeners are opened by the shell before the
+    /// file reaches here.
     fn admit(&self, config: Arc<Config>, actions: &mut Vec<Action>) -> Result<Arc<Config>, String> {
-        if self.frozen.listeners_differ(&config) {
-            return Err(format!(
-                "{} changes the [[listen]] sockets; changing listeners needs a restart of baton",
-                config.path.display()
-            ));
-        }
         if self.frozen.control_socket != config.control_socket
             || self.frozen.control_group != config.control_group
         {
@@ -2611,31 +2607,20 @@ backoff_max = "1s"
     }
 
     #[test]
-    fn changed_listeners_are_refused_changed_control_is_deferred() {
+    fn changed_listeners_are_deployed_changed_control_is_deferred() {
         let listen = "[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:8080\"\n";
         let (mut h, _) = Harness::with(&format!("{listen}{BASE}"));
-        h.on(Event::Spawned {
-            generation: 1,
-            pid: pid(100),
-            contained: false,
-        });
-        h.on(ready(100));
+        up(&mut h, 1);
+        // Issue 10: a changed [[listen]] is a deploy like any other (the
+        // shell has opened the new sockets before the file reaches here).
         let moved = config(&format!("{}{BASE}", listen.replace("8080", "8081")));
         let actions = h.on(Event::Reload {
             config: Ok(moved),
-            waiter: Some(Waiter {
-                id: 1,
-                follows: true,
-            }),
+            waiter: None,
             release: Release::Current,
         });
-        assert!(
-            matches!(&actions[2], Action::Progress { progress: Progress::Refused(why), .. }
-                if why.contains("changes the [[listen]] sockets")),
-            "{actions:?}"
-        );
-        assert!(spawns(&actions).is_empty());
-
+        assert_eq!(spawns(&actions), [2]);
+        up(&mut h, 2);
         let control = config(&format!(
             "{listen}{BASE}[control]\nsocket = \"/run/other.sock\"\n"
         ));
@@ -2644,7 +2629,7 @@ backoff_max = "1s"
             waiter: None,
             release: Release::Current,
         });
-        assert_eq!(spawns(&actions), [2]);
+        assert_eq!(spawns(&actions), [3]);
         assert!(h.take_notices().contains(&Notice::ControlChangeDeferred));
     }
 

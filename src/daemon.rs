@@ -146,7 +146,7 @@ pub fn run(config_path: &Path, options: Options) -> Result<i32, DaemonError> {
         }
     };
     if let Some(upstream) = upstream.as_ref().filter(|_| fd_store) {
-        listeners.store_in(upstream);
+        listeners.store_in(upstream, None);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -173,6 +173,9 @@ pub fn run(config_path: &Path, options: Options) -> Result<i32, DaemonError> {
         let (check_results, results) = mpsc::unbounded_channel();
         let mut shell = Shell {
             supervisor: None,
+            latest: config.listeners.clone(),
+            held: HashMap::new(),
+            fd_store,
             history,
             state_dir: config.state_dir.clone(),
             checks: Checks::new(check_results),
@@ -373,6 +376,13 @@ struct ControlCommand {
 struct Shell {
     /// Set once the loop's event sources exist (the first spawn needs them).
     supervisor: Option<Supervisor>,
+    /// The listeners of the config last handed to the core.
+    latest: Vec<crate::config::Listener>,
+    /// The listeners each started generation holds, by its main pid; a
+    /// listener no longer in `latest` is closed once none holds it.
+    held: HashMap<Pid, Vec<crate::config::Listener>>,
+    /// Listeners go into systemd's fd store (and leave it when closed).
+    fd_store: bool,
     /// The deploy history, as on disk in `state_dir` (fixed at start).
     history: History,
     state_dir: PathBuf,
@@ -437,7 +447,7 @@ impl Shell {
 
         let clock = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
         let seed = u64::from(std::process::id()) ^ clock.map_or(0, |d| d.as_nanos() as u64);
-        for (name, address, adopted_fd) in self.listeners.describe() {
+        for (name, address, adopted_fd, _) in self.listeners.describe(&self.latest) {
             self.notice(Notice::Listening {
                 name,
                 address,
@@ -582,9 +592,32 @@ impl Shell {
                 continue;
             }
             self.event(Event::Exited { pid, status });
+            if self.held.remove(&pid).is_some() {
+                self.close_unused_listeners();
+            }
             self.check_listeners();
         }
         self.remove_cgroups();
+    }
+
+    /// Closes the listeners that neither the latest config names nor a
+    /// live generation holds (a reload removed them, and the generations
+    /// that had them are gone); under `--fd-store` they leave the store.
+    fn close_unused_listeners(&mut self) {
+        let (latest, held) = (&self.latest, &self.held);
+        let needed = |l: &crate::config::Listener| {
+            let named = |ls: &Vec<crate::config::Listener>| {
+                ls.iter()
+                    .any(|x| x.name == l.name && x.address == l.address)
+            };
+            named(latest) || held.values().any(named)
+        };
+        for (name, address) in self.listeners.close_unless(needed) {
+            if let Some(upstream) = self.upstream.as_ref().filter(|_| self.fd_store) {
+                upstream.send_text(&format!("FDSTOREREMOVE=1\nFDNAME={name}"));
+            }
+            self.notice(Notice::ListenerClosed { name, address });
+        }
     }
 
     /// Where the sender of a notify datagram was when it arrived: its
@@ -643,7 +676,8 @@ impl Shell {
     fn reload(&mut self, waiter: Option<(mpsc::UnboundedSender<Reply>, bool)>, release: Release) {
         let config = Config::load(&self.config_path)
             .map_err(|e| e.to_string())
-            .and_then(|c| runnable(&c, Some(&self.containment)).map(|()| Arc::new(c)));
+            .and_then(|c| runnable(&c, Some(&self.containment)).map(|()| c))
+            .and_then(|c| self.open_listeners(&c).map(|()| Arc::new(c)));
         let waiter = waiter.map(|(reply, follows)| {
             let id = self.next_waiter;
             self.next_waiter += 1;
@@ -655,6 +689,32 @@ impl Shell {
             waiter,
             release,
         });
+    }
+
+    /// Opens the listeners a re-read `config` adds (before anything
+    /// starts: a bind error refuses the reload, nothing changed), and
+    /// makes its set the latest: the ones it removed close once no
+    /// generation holds them.
+    fn open_listeners(&mut self, config: &Config) -> Result<(), String> {
+        let added = self
+            .listeners
+            .prepare(config)
+            .map_err(|e| format!("{e}; nothing changed"))?;
+        if let Some(upstream) = self.upstream.as_ref().filter(|_| self.fd_store) {
+            self.listeners.store_in(upstream, Some(&added));
+        }
+        for (name, address, _, _) in self.listeners.describe(&config.listeners) {
+            if added.contains(&name) {
+                self.notice(Notice::Listening {
+                    name,
+                    address,
+                    adopted_fd: None,
+                });
+            }
+        }
+        self.latest = config.listeners.clone();
+        self.close_unused_listeners();
+        Ok(())
     }
 
     /// A new control connection: refused at once unless its peer may use
@@ -797,9 +857,9 @@ impl Shell {
             }
             Request::Status => {
                 let status = self.supervisor().status(Instant::now());
-                let listeners = self.listeners.describe().into_iter();
+                let listeners = self.listeners.describe(&self.latest).into_iter();
                 let listeners = listeners
-                    .map(|(name, address, _)| (name, address))
+                    .map(|(name, address, _, kept)| (name, address, !kept))
                     .collect();
                 let mut doc = StatusDoc::new(status, &self.config_path, listeners);
                 self.describe_processes(&mut doc);
@@ -870,7 +930,11 @@ impl Shell {
             match action {
                 Action::Spawn { generation, config } => {
                     self.check_listeners();
-                    let event = match self.spawn(generation, &config) {
+                    let spawned = self.spawn(generation, &config);
+                    if let Ok(pid) = spawned {
+                        self.held.insert(pid, config.listeners.clone());
+                    }
+                    let event = match spawned {
                         Ok(pid) => Event::Spawned {
                             generation,
                             pid,
@@ -922,7 +986,7 @@ impl Shell {
                     config,
                 } => {
                     let processes = self.processes(generation, pid);
-                    let wanted = self.listeners.wanted();
+                    let wanted = self.listeners.wanted(&config.listeners);
                     let subject = Subject {
                         generation,
                         pid: Some(pid),
@@ -1024,14 +1088,13 @@ impl Shell {
 
     fn spawn(&mut self, generation: u64, config: &Config) -> Result<Pid, spawn::SpawnError> {
         self.ensure_notify_socket();
-        let env = child_env(
-            &self.base_env,
-            config,
-            generation,
-            &self.listeners,
-            &self.notify_path,
-        );
-        let fds = self.listeners.fds();
+        // Its listeners are open (a restart of an older config may need
+        // one a reload closed since).
+        self.listeners
+            .prepare(config)
+            .map_err(|e| spawn::SpawnError::Listeners(e.to_string()))?;
+        let env = child_env(&self.base_env, config, generation, &self.notify_path);
+        let fds = self.listeners.fds(&config.listeners);
         // The notify socket is writable by the children's user only. Not
         // through a symlink: lchown.
         let me = nix::unistd::geteuid();
@@ -1120,7 +1183,6 @@ fn child_env(
     base: &[(OsString, OsString)],
     config: &Config,
     generation: u64,
-    listeners: &Listeners,
     notify_path: &Path,
 ) -> Vec<(OsString, OsString)> {
     let mut env: Vec<(OsString, OsString)> = base
@@ -1143,9 +1205,11 @@ fn child_env(
         }
     }
     env.extend(config.app.env.iter().map(|(k, v)| (k.into(), v.into())));
+    let listeners = &config.listeners;
     if !listeners.is_empty() {
+        let names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
         env.push(("LISTEN_FDS".into(), listeners.len().to_string().into()));
-        env.push(("LISTEN_FDNAMES".into(), listeners.names().into()));
+        env.push(("LISTEN_FDNAMES".into(), names.join(":").into()));
     }
     env.push(("NOTIFY_SOCKET".into(), notify_path.into()));
     env.push(("BATON_GENERATION".into(), generation.to_string().into()));

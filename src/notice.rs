@@ -137,6 +137,12 @@ pub enum Notice {
         address: String,
         adopted_fd: Option<i32>,
     },
+    /// A listener a reload removed is closed: no generation holds it any
+    /// more.
+    ListenerClosed {
+        name: String,
+        address: String,
+    },
     /// A listener had stopped listening because a child called
     /// `shutdown()` on its copy (it must `close()` it): baton listened
     /// again (or could not: `error`). `generations` were running then;
@@ -518,6 +524,11 @@ impl fmt::Display for Notice {
                     Some(e) => write!(f, "cannot listen again: {e}"),
                 }
             }
+            ListenerClosed { name, address } => write!(
+                f,
+                "closed listener `{name}` ({address}): the config no longer has it and no \
+                 generation holds it"
+            ),
             ControlAcceptPaused { error, pause } => write!(
                 f,
                 "control socket: {error}; not accepting for {}",

@@ -28,15 +28,51 @@ pub enum SocketError {
     Path { path: PathBuf, message: String },
 }
 
-/// The sockets, in config order (fd 3, 4, ... in every child).
+/// The sockets baton holds: those of the latest config, and those an
+/// older generation still holds after a reload changed `[[listen]]` (closed
+/// once no generation holds them). A generation gets the ones its config
+/// names, in its order (fd 3, 4, ...).
 pub(crate) struct Listeners {
-    sockets: Vec<(Listener, Socket)>,
-    /// For each socket, the fd systemd passed it on, if it was adopted.
-    adopted_fds: Vec<Option<i32>>,
-    /// For each IP socket, the address it was bound to when opened.
-    bound: Vec<Option<std::net::SocketAddr>>,
-    /// Unix socket files baton created, removed again at exit.
-    created_files: Vec<PathBuf>,
+    entries: Vec<Entry>,
+}
+
+/// One socket and what baton knows of it.
+struct Entry {
+    listener: Listener,
+    socket: Socket,
+    /// The fd systemd passed it on, if it was adopted.
+    adopted_fd: Option<i32>,
+    /// For an IP socket, the address it was bound to when opened.
+    bound: Option<std::net::SocketAddr>,
+    /// The unix socket file baton created (removed when it is closed).
+    created_file: Option<PathBuf>,
+}
+
+/// The same socket in two configs: the same name and address (a changed
+/// address is another socket; a changed backlog is not).
+fn same(a: &Listener, b: &Listener) -> bool {
+    a.name == b.name && a.address == b.address
+}
+
+impl Entry {
+    fn bind(l: &Listener) -> Result<Entry, SocketError> {
+        let socket = bind(l).map_err(|source| SocketError::Bind {
+            name: l.name.clone(),
+            address: l.address.to_string(),
+            hint: hint(&source),
+            source,
+        })?;
+        Ok(Entry {
+            created_file: match &l.address {
+                Address::Unix(path) => Some(path.clone()),
+                _ => None,
+            },
+            bound: ip_address(&socket),
+            listener: l.clone(),
+            socket,
+            adopted_fd: None,
+        })
+    }
 }
 
 impl Listeners {
@@ -49,79 +85,110 @@ impl Listeners {
         if inherited.len() > 0 {
             return adopt(config, &mut inherited, names.as_deref());
         }
-        let mut listeners = Listeners {
-            sockets: Vec::new(),
-            adopted_fds: Vec::new(),
-            bound: Vec::new(),
-            created_files: Vec::new(),
-        };
+        let entries = config
+            .listeners
+            .iter()
+            .map(Entry::bind)
+            .collect::<Result<_, _>>()?;
+        Ok(Listeners { entries })
+    }
+
+    /// Makes sure every listener of `config` is open: binds those baton
+    /// does not hold yet, listens again with a changed backlog. Returns the
+    /// names of those it bound. On an error nothing is left bound.
+    pub(crate) fn prepare(&mut self, config: &Config) -> Result<Vec<String>, SocketError> {
+        let mut added = Vec::new();
         for l in &config.listeners {
-            let socket = bind(l).map_err(|source| SocketError::Bind {
-                name: l.name.clone(),
-                address: l.address.to_string(),
-                hint: hint(&source),
-                source,
-            })?;
-            if let Address::Unix(path) = &l.address {
-                listeners.created_files.push(path.clone());
+            match self.entries.iter_mut().find(|e| same(&e.listener, l)) {
+                Some(e) if e.listener.backlog != l.backlog => {
+                    // listen(2) again sets the new backlog.
+                    let _ = e.socket.listen(l.backlog);
+                    e.listener.backlog = l.backlog;
+                }
+                Some(_) => {}
+                None => match Entry::bind(l) {
+                    Ok(entry) => added.push(entry),
+                    Err(e) => {
+                        for entry in &added {
+                            entry.remove_file();
+                        }
+                        return Err(e);
+                    }
+                },
             }
-            listeners.bound.push(ip_address(&socket));
-            listeners.sockets.push((l.clone(), socket));
-            listeners.adopted_fds.push(None);
         }
-        Ok(listeners)
+        let names = added.iter().map(|e| e.listener.name.clone()).collect();
+        self.entries.extend(added);
+        Ok(names)
+    }
+
+    /// Closes the sockets `keep` says no one needs; their names and
+    /// addresses.
+    pub(crate) fn close_unless(
+        &mut self,
+        keep: impl Fn(&Listener) -> bool,
+    ) -> Vec<(String, String)> {
+        let mut closed = Vec::new();
+        self.entries.retain(|e| {
+            if keep(&e.listener) {
+                return true;
+            }
+            e.remove_file();
+            closed.push((e.listener.name.clone(), e.listener.address.to_string()));
+            false
+        });
+        closed
+    }
+
+    /// The entries of `listeners` (a config's), in their order; one baton
+    /// does not hold is left out (`prepare` first).
+    fn of<'a>(&'a self, listeners: &'a [Listener]) -> impl Iterator<Item = &'a Entry> + 'a {
+        listeners
+            .iter()
+            .filter_map(|l| self.entries.iter().find(|e| same(&e.listener, l)))
     }
 
     /// Each socket's inode and whether it is a stream socket: what a
     /// process waiting on it shows in /proc (`[readiness] check =
     /// "accepting"`). Read now: a listener baton listened again on may be a
     /// new socket.
-    pub(crate) fn wanted(&self) -> Vec<crate::procfs::Wanted> {
-        self.sockets
-            .iter()
-            .filter_map(|(l, s)| {
-                let stat = nix::sys::stat::fstat(s.as_fd()).ok()?;
+    pub(crate) fn wanted(&self, listeners: &[Listener]) -> Vec<crate::procfs::Wanted> {
+        self.of(listeners)
+            .filter_map(|e| {
+                let stat = nix::sys::stat::fstat(e.socket.as_fd()).ok()?;
                 Some(crate::procfs::Wanted {
                     inode: stat.st_ino,
-                    stream: !matches!(l.address, Address::Udp(_)),
+                    stream: !matches!(e.listener.address, Address::Udp(_)),
                 })
             })
             .collect()
     }
 
-    pub(crate) fn fds(&self) -> Vec<BorrowedFd<'_>> {
-        self.sockets.iter().map(|(_, s)| s.as_fd()).collect()
+    /// The fds a generation of these listeners gets, in order.
+    pub(crate) fn fds<'a>(&'a self, listeners: &'a [Listener]) -> Vec<BorrowedFd<'a>> {
+        self.of(listeners).map(|e| e.socket.as_fd()).collect()
     }
 
-    /// `LISTEN_FDNAMES`: the names joined with ':'.
-    pub(crate) fn names(&self) -> String {
-        let names: Vec<&str> = self.sockets.iter().map(|(l, _)| l.name.as_str()).collect();
-        names.join(":")
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.sockets.len()
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.sockets.is_empty()
-    }
-
-    /// Name, address and (when adopted from systemd) the fd it came on, of
-    /// each listener; for IP sockets the address the kernel bound, so a
-    /// configured port 0 shows the port it got.
-    pub(crate) fn describe(&self) -> Vec<(String, String, Option<i32>)> {
-        self.sockets
+    /// Name, address, the fd systemd passed it on (if adopted) and whether
+    /// `current` (the latest config's listeners) still has it, of every
+    /// socket; for IP sockets the address the kernel bound, so a configured
+    /// port 0 shows the port it got.
+    pub(crate) fn describe(
+        &self,
+        current: &[Listener],
+    ) -> Vec<(String, String, Option<i32>, bool)> {
+        self.entries
             .iter()
-            .zip(&self.adopted_fds)
-            .map(|((l, s), &adopted_fd)| {
-                let bound = s.local_addr().ok().and_then(|a| a.as_socket());
+            .map(|e| {
+                let l = &e.listener;
+                let bound = e.socket.local_addr().ok().and_then(|a| a.as_socket());
                 let address = match (&l.address, bound) {
                     (Address::Tcp(_), Some(a)) => Address::Tcp(a).to_string(),
                     (Address::Udp(_), Some(a)) => Address::Udp(a).to_string(),
                     (other, _) => other.to_string(),
                 };
-                (l.name.clone(), address, adopted_fd)
+                let kept = current.iter().any(|c| same(c, l));
+                (l.name.clone(), address, e.adopted_fd, kept)
             })
             .collect()
     }
@@ -132,33 +199,49 @@ impl Listeners {
     /// listening again failed.
     pub(crate) fn relisten_if_shut_down(&self) -> Vec<(String, String, Option<String>)> {
         let mut restored = Vec::new();
-        for ((l, s), bound) in self.sockets.iter().zip(&self.bound) {
+        for e in &self.entries {
+            let l = &e.listener;
             if matches!(l.address, Address::Udp(_)) {
                 continue;
             }
-            if let Ok(false) = s.is_listener() {
-                let error = relisten(s, l, *bound).err().map(|e| e.to_string());
+            if let Ok(false) = e.socket.is_listener() {
+                let error = relisten(&e.socket, l, e.bound).err().map(|e| e.to_string());
                 restored.push((l.name.clone(), l.address.to_string(), error));
             }
         }
         restored
     }
 
-    /// Pushes every listener into systemd's fd store under its name; they
-    /// come back through LISTEN_FDS (by name) if baton is restarted.
-    /// systemd ignores an fd it already stores, so re-pushing is harmless.
-    pub(crate) fn store_in(&self, upstream: &crate::notify::UpstreamNotifier) {
-        for (l, s) in &self.sockets {
-            match upstream.store_fd(&l.name, s.as_fd()) {
-                Ok(()) => tracing::info!("listener `{}` handed to systemd's fd store", l.name),
-                Err(e) => tracing::warn!("cannot store listener `{}` with systemd: {e}", l.name),
+    /// Pushes the listeners named `names` (all when `None`) into systemd's
+    /// fd store under their names; they come back through LISTEN_FDS (by
+    /// name) if baton is restarted. systemd ignores an fd it already
+    /// stores, so re-pushing is harmless.
+    pub(crate) fn store_in(
+        &self,
+        upstream: &crate::notify::UpstreamNotifier,
+        names: Option<&[String]>,
+    ) {
+        let wanted = |e: &&Entry| names.is_none_or(|n| n.contains(&e.listener.name));
+        for e in self.entries.iter().filter(wanted) {
+            let name = &e.listener.name;
+            match upstream.store_fd(name, e.socket.as_fd()) {
+                Ok(()) => tracing::info!("listener `{name}` handed to systemd's fd store"),
+                Err(e) => tracing::warn!("cannot store listener `{name}` with systemd: {e}"),
             }
         }
     }
 
     /// Removes the unix socket files baton bound (not adopted ones).
     pub(crate) fn remove_files(&self) {
-        for path in &self.created_files {
+        for e in &self.entries {
+            e.remove_file();
+        }
+    }
+}
+
+impl Entry {
+    fn remove_file(&self) {
+        if let Some(path) = &self.created_file {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -352,9 +435,7 @@ fn adopt(
 ) -> Result<Listeners, SocketError> {
     let names: Vec<&str> = names.map(|n| n.split(':').collect()).unwrap_or_default();
     let count = inherited.len();
-    let mut sockets = Vec::new();
-    let mut adopted_fds = Vec::new();
-    let mut bound = Vec::new();
+    let mut entries = Vec::new();
     for (i, l) in config.listeners.iter().enumerate() {
         let index = match names.iter().position(|n| *n == l.name) {
             Some(index) => index,
@@ -396,22 +477,21 @@ fn adopt(
                 )))
             }
         };
-        adopted_fds.push(Some(3 + index as i32));
-        bound.push(ip_address(&socket));
-        sockets.push((l.clone(), socket));
+        entries.push(Entry {
+            listener: l.clone(),
+            bound: ip_address(&socket),
+            socket,
+            adopted_fd: Some(3 + index as i32),
+            created_file: None,
+        });
     }
-    if count > sockets.len() {
+    if count > entries.len() {
         tracing::warn!(
             "systemd passed {count} socket(s), the config uses {}: the others are not passed on",
-            sockets.len()
+            entries.len()
         );
     }
-    Ok(Listeners {
-        sockets,
-        adopted_fds,
-        bound,
-        created_files: Vec::new(),
-    })
+    Ok(Listeners { entries })
 }
 
 #[cfg(test)]
@@ -487,15 +567,11 @@ mod tests {
             backlog: 16,
             mode: None,
         };
-        let socket = bind(&l).unwrap();
-        let port = ip_address(&socket);
         let listeners = Listeners {
-            sockets: vec![(l, socket)],
-            adopted_fds: vec![None],
-            bound: vec![port],
-            created_files: Vec::new(),
+            entries: vec![Entry::bind(&l).unwrap()],
         };
-        let s = &listeners.sockets[0].1;
+        let s = &listeners.entries[0].socket;
+        let port = ip_address(s);
         assert!(s.is_listener().unwrap());
         s.shutdown(std::net::Shutdown::Read).unwrap();
         assert!(!s.is_listener().unwrap());
@@ -507,5 +583,41 @@ mod tests {
         assert_eq!(ip_address(s), port);
         std::net::TcpStream::connect(port.unwrap()).unwrap();
         assert!(listeners.relisten_if_shut_down().is_empty());
+    }
+
+    /// Issue 10: a reload's listeners are opened before it is taken; a
+    /// removed one closes once nothing needs it; a bind error leaves
+    /// nothing behind.
+    #[test]
+    fn listeners_are_added_kept_and_closed() {
+        let text = |listen: &str| format!("{listen}[app]\ncommand = [\"x\"]\n");
+        let listen = |name: &str, address: &str| {
+            format!("[[listen]]\nname = \"{name}\"\naddress = \"{address}\"\n")
+        };
+        let parse = |t: &str| Config::parse(Path::new("/etc/baton/t.toml"), t).unwrap();
+        let one = parse(&text(&listen("a", "127.0.0.1:0")));
+        let mut listeners = Listeners::open(&one).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let sock = format!("unix:{}", dir.path().join("b.sock").display());
+        let two = parse(&text(&(listen("a", "127.0.0.1:0") + &listen("b", &sock))));
+        assert_eq!(listeners.prepare(&two).unwrap(), ["b"]);
+        assert_eq!(listeners.fds(&two.listeners).len(), 2);
+        assert!(listeners.prepare(&two).unwrap().is_empty(), "opened once");
+        // `b`'s address is taken by another socket: refused, `c` not left.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap();
+        let three = parse(&text(
+            &(listen("a", "127.0.0.1:0")
+                + &listen("c", &sock.replace("b.sock", "c.sock"))
+                + &listen("d", &port.to_string())),
+        ));
+        assert!(listeners.prepare(&three).is_err());
+        assert!(!dir.path().join("c.sock").exists());
+        assert_eq!(listeners.describe(&two.listeners).len(), 2);
+        // Back to `a` alone: `b` closes when nothing needs it.
+        let closed = listeners.close_unless(|l| one.listeners.contains(l));
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].0, "b");
+        assert!(!dir.path().join("b.sock").exists());
     }
 }

@@ -66,6 +66,8 @@ pub(crate) enum SpawnError {
     User { user: String, errno: Errno },
     #[error("cannot move the child into its cgroup {}: {errno}", dir.display())]
     Cgroup { dir: PathBuf, errno: Errno },
+    #[error("{0}")]
+    Listeners(String),
     #[error("[app] command is empty: name the program to run")]
     EmptyCommand,
     #[error("argument or environment contains a NUL byte")]

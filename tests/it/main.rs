@@ -12,6 +12,7 @@
 //!   (issue 9).
 //! - `hardening`: processes that try to escape the kill, hostile or careless
 //!   children and clients, children as another user (issue 8).
+//! - `listeners`: `[[listen]]` changed by reload (issue 10).
 //! - `releases`: `{version}`, deploy, rollback, history, the serving
 //!   release across restarts (issue 9).
 //! - `systemd`: socket activation, the fd store, and the sd_notify messages
@@ -25,6 +26,7 @@ mod hardening;
 mod health;
 mod keepalive;
 mod lifecycle;
+mod listeners;
 mod releases;
 mod systemd;
 
