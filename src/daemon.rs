@@ -606,10 +606,8 @@ impl Shell {
     fn close_unused_listeners(&mut self) {
         let (latest, held) = (&self.latest, &self.held);
         let needed = |l: &crate::config::Listener| {
-            let named = |ls: &Vec<crate::config::Listener>| {
-                ls.iter()
-                    .any(|x| x.name == l.name && x.address == l.address)
-            };
+            let named =
+                |ls: &Vec<crate::config::Listener>| ls.iter().any(|x| crate::sockets::same(x, l));
             named(latest) || held.values().any(named)
         };
         for (name, address) in self.listeners.close_unless(needed) {

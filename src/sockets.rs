@@ -50,7 +50,7 @@ struct Entry {
 
 /// The same socket in two configs: the same name and address (a changed
 /// address is another socket; a changed backlog is not).
-fn same(a: &Listener, b: &Listener) -> bool {
+pub(crate) fn same(a: &Listener, b: &Listener) -> bool {
     a.name == b.name && a.address == b.address
 }
 
